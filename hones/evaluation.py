@@ -1,0 +1,206 @@
+"""Evaluation of a VLM on one HONES task, as a LightningModule (HONES_METHOD §1).
+
+``trainer.validate`` / ``trainer.test`` run batched greedy generation (vqa, ocr,
+caption) or Yes/No scoring (retrieval: logit(Yes) - logit(No) at the next token)
+on 1..N devices. Metrics are torchmetrics objects in both modes ("paper" and
+"official"), synchronised across processes at epoch end. Items are served by an
+unrepeated distributed sampler (see ``HonesDataModule``), so no padding duplicate is
+ever counted and a 2-process run gives the metric of a 1-process run.
+
+Hooks implemented: ``configure_model`` (loads the adapter inside each process),
+``setup`` (hands the adapter's encoder to the datamodule), ``on_*_epoch_start``
+(reset metrics), ``*_step``, ``on_*_epoch_end`` (compute, log, write artifacts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hones import io
+from hones.metrics import build_metric, postprocess_generation
+
+TASKS = ("vqa", "ocr", "caption", "retrieval")
+METRIC_MODES = ("paper", "official")
+
+
+def group_index(group: str) -> int:
+    """A stable 63-bit integer for a retrieval group id, equal in every process."""
+    return int.from_bytes(hashlib.blake2b(group.encode("utf-8"), digest_size=8).digest(), "big") >> 1
+
+
+def retrieval_margin(adapter: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """logit(" Yes") - logit(" No") at the next token after the prompt: [batch]."""
+    yes_id, no_id = adapter.answer_token_ids(["Yes", "No"])
+    logits = adapter.next_token_logits(batch).float()
+    return logits[:, yes_id] - logits[:, no_id]
+
+
+def gather_objects(local: list[Any]) -> list[Any]:
+    """All processes' lists concatenated (rank order); the local list when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(local)
+    gathered: list[list[Any] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return [row for part in gathered for row in (part or [])]
+
+
+class TaskScorer:
+    """Runs one task on an encoded batch and feeds the metrics.
+
+    Shared by evaluation, masking verification and steering so that every stage
+    scores a task the same way. ``predict(adapter, batch)`` returns per-item rows.
+    """
+
+    def __init__(self, task: str, max_new_tokens: int = 24) -> None:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+        self.task = task
+        self.max_new_tokens = max_new_tokens
+
+    def predict(self, adapter: Any, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """One row per item: uid, prediction (text) or score (retrieval margin), references."""
+        items = batch["items"]
+        if self.task == "retrieval":
+            margins = retrieval_margin(adapter, batch).tolist()
+            return [
+                {"uid": it.uid, "group": it.group, "label": int(it.label), "score": float(m)}
+                for it, m in zip(items, margins)
+            ]
+        texts = adapter.generate(batch, max_new_tokens=self.max_new_tokens)
+        return [
+            {"uid": it.uid, "prediction": postprocess_generation(t), "references": list(it.references)}
+            for it, t in zip(items, texts)
+        ]
+
+    def update(self, metric: Any, rows: Sequence[dict[str, Any]]) -> None:
+        """Feed predicted rows to a metric built by ``build_metric(self.task, mode)``."""
+        if not rows:
+            return
+        if self.task == "retrieval":
+            metric.update(
+                torch.tensor([r["score"] for r in rows], dtype=torch.float32),
+                torch.tensor([r["label"] for r in rows], dtype=torch.long),
+                torch.tensor([group_index(r["group"]) for r in rows], dtype=torch.long),
+            )
+        else:
+            metric.update([r["prediction"] for r in rows], [r["references"] for r in rows])
+
+
+class EvalModule(L.LightningModule):
+    """Evaluate a model (hub id or local directory) on one task.
+
+    Args:
+        model: hub id or local directory of a supported VLM (see ``hones.models``).
+        task: vqa | ocr | caption | retrieval.
+        metric_mode: the mode reported as the headline metric ("paper" or "official");
+            both modes are always computed and logged, each under its own name.
+        dtype: fp32 | bf16 | fp16.
+        max_new_tokens: greedy generation budget (HONES_METHOD §1 default 24).
+        output_dir: where ``metrics_{stage}.json`` and ``predictions_{stage}.jsonl`` go.
+        adapter_factory: optional callable returning a ready adapter (tests, notebooks).
+    """
+
+    def __init__(
+        self,
+        model: str = "models/toy-llava",
+        task: str = "vqa",
+        metric_mode: str = "paper",
+        dtype: str = "fp32",
+        max_new_tokens: int = 24,
+        output_dir: str | None = None,
+        trust_remote_code: bool = False,
+        adapter_factory: Callable[[], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if metric_mode not in METRIC_MODES:
+            raise ValueError(f"metric_mode must be one of {METRIC_MODES}; got {metric_mode!r}")
+        self.save_hyperparameters(ignore=["adapter_factory"])
+        self.scorer = TaskScorer(task, max_new_tokens)
+        self.metrics = nn.ModuleDict({mode: build_metric(task, mode) for mode in METRIC_MODES})
+        self._adapter_factory = adapter_factory
+        self.adapter: Any = None
+        self._rows: list[dict[str, Any]] = []
+        self.results: dict[str, Any] = {}
+
+    # -- model -----------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.adapter is not None:
+            return
+        if self._adapter_factory is not None:
+            self.adapter = self._adapter_factory()
+        else:
+            from hones.models import load_adapter
+
+            self.adapter = load_adapter(
+                self.hparams.model,
+                dtype=self.hparams.dtype,
+                device=str(self.device),
+                trust_remote_code=self.hparams.trust_remote_code,
+            )
+        self.adapter.model.eval()
+        self.vlm = self.adapter.model  # registered so Lightning moves it to the device
+
+    def setup(self, stage: str) -> None:
+        self.configure_model()
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "set_encoder"):
+            datamodule.set_encoder(self.adapter.encode)
+
+    # -- loop ------------------------------------------------------------------
+    def _start(self) -> None:
+        for metric in self.metrics.values():
+            metric.reset()
+        self._rows = []
+
+    def _step(self, batch: dict[str, Any]) -> None:
+        rows = self.scorer.predict(self.adapter, batch)
+        for metric in self.metrics.values():
+            self.scorer.update(metric, rows)
+        self._rows.extend(rows)
+
+    def _end(self, stage: str) -> None:
+        values = {mode: float(metric.compute()) for mode, metric in self.metrics.items()}
+        task = self.hparams.task
+        for mode, value in values.items():
+            # every process holds the synchronised value: no further reduction needed
+            self.log(f"{stage}/{task}/{self.metrics[mode].name}", value, rank_zero_only=False, sync_dist=False)
+        rows = sorted(gather_objects(self._rows), key=lambda r: r["uid"])
+        self.results = {
+            "task": task,
+            "model": self.hparams.model,
+            "stage": stage,
+            "headline_mode": self.hparams.metric_mode,
+            "metric": values[self.hparams.metric_mode],
+            "metrics": {self.metrics[mode].name: values[mode] for mode in METRIC_MODES},
+            "num_items": len(rows),
+            "world_size": self.trainer.world_size if self._trainer is not None else 1,
+        }
+        if self.hparams.output_dir and self.global_rank == 0:
+            out = Path(self.hparams.output_dir)
+            io.write_json(out / f"metrics_{stage}.json", self.results)
+            io.write_jsonl(out / f"predictions_{stage}.jsonl", rows)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._end("validate")
+
+    def on_test_epoch_start(self) -> None:
+        self._start()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._end("test")
