@@ -14,7 +14,6 @@ Hooks implemented: ``configure_model`` (loads the adapter inside each process),
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,15 +23,10 @@ import torch.distributed as dist
 from torch import nn
 
 from hones import io
-from hones.metrics import build_metric, postprocess_generation
+from hones.metrics import build_metric, group_ids, postprocess_generation
 
 TASKS = ("vqa", "ocr", "caption", "retrieval")
 METRIC_MODES = ("paper", "official")
-
-
-def group_index(group: str) -> int:
-    """A stable 63-bit integer for a retrieval group id, equal in every process."""
-    return int.from_bytes(hashlib.blake2b(group.encode("utf-8"), digest_size=8).digest(), "big") >> 1
 
 
 def retrieval_margin(adapter: Any, batch: dict[str, Any]) -> torch.Tensor:
@@ -87,7 +81,7 @@ class TaskScorer:
             metric.update(
                 torch.tensor([r["score"] for r in rows], dtype=torch.float32),
                 torch.tensor([r["label"] for r in rows], dtype=torch.long),
-                torch.tensor([group_index(r["group"]) for r in rows], dtype=torch.long),
+                group_ids([r["group"] for r in rows]),
             )
         else:
             metric.update([r["prediction"] for r in rows], [r["references"] for r in rows])
