@@ -1,0 +1,23 @@
+"""Model adapters (one file per architecture) and tiny offline model builders."""
+
+from hones.models.base import IGNORE_INDEX, VLMAdapter
+from hones.models.llava import LlavaAdapter
+from hones.models.qwen2_5_vl import Qwen2_5_VLAdapter, Qwen2_5_VLImageTextProcessor
+from hones.models.registry import load_adapter, register_adapter, supported_model_types, wrap_model
+from hones.models.tiny import build_tiny_llava, build_tiny_qwen2_5_vl, save_pretrained, train_tokenizer
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LlavaAdapter",
+    "Qwen2_5_VLAdapter",
+    "Qwen2_5_VLImageTextProcessor",
+    "VLMAdapter",
+    "build_tiny_llava",
+    "build_tiny_qwen2_5_vl",
+    "load_adapter",
+    "register_adapter",
+    "save_pretrained",
+    "supported_model_types",
+    "train_tokenizer",
+    "wrap_model",
+]

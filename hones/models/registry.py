@@ -1,0 +1,100 @@
+"""Adapter registry: `config.model_type` -> `VLMAdapter` subclass, and `load_adapter`.
+
+Adding an architecture is one file in `hones/models/` whose adapter class is decorated
+with `@register_adapter("<model_type>")`; every module of this package is imported on the
+first lookup, so nothing else needs editing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any, Callable, TypeVar
+
+import torch
+from transformers import AutoConfig, PreTrainedModel
+
+from hones.models.base import VLMAdapter
+
+_ADAPTERS: dict[str, type[VLMAdapter]] = {}
+# Modules of this package that hold no adapter.
+_NOT_ADAPTERS = frozenset({"base", "registry", "tiny"})
+_discovered = False
+
+AdapterT = TypeVar("AdapterT", bound=type[VLMAdapter])
+
+
+def register_adapter(model_type: str) -> Callable[[AdapterT], AdapterT]:
+    """Class decorator: register an adapter for HF configs with this `model_type`."""
+
+    def decorate(cls: AdapterT) -> AdapterT:
+        if model_type in _ADAPTERS and _ADAPTERS[model_type] is not cls:
+            raise ValueError(
+                f"model_type {model_type!r} already has an adapter: {_ADAPTERS[model_type].__name__}"
+            )
+        cls.model_type = model_type
+        _ADAPTERS[model_type] = cls
+        return cls
+
+    return decorate
+
+
+def _discover_adapters() -> None:
+    """Import every adapter module of `hones.models` once, so their decorators run."""
+    global _discovered
+    if _discovered:
+        return
+    package = importlib.import_module("hones.models")
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name not in _NOT_ADAPTERS and not module.name.startswith("_"):
+            importlib.import_module(f"hones.models.{module.name}")
+    _discovered = True
+
+
+def supported_model_types() -> list[str]:
+    """The `model_type`s that have an adapter, sorted."""
+    _discover_adapters()
+    return sorted(_ADAPTERS)
+
+
+def adapter_class(model_type: str) -> type[VLMAdapter]:
+    """The adapter class for `model_type`; a one-line ValueError when there is none."""
+    _discover_adapters()
+    if model_type not in _ADAPTERS:
+        raise ValueError(
+            f"hones has no adapter for model_type {model_type!r}; supported: "
+            f"{', '.join(supported_model_types())}"
+        )
+    return _ADAPTERS[model_type]
+
+
+def wrap_model(model: PreTrainedModel, processor: Any, name: str = "") -> VLMAdapter:
+    """Wrap an in-memory HF model + processor (e.g. from `hones.models.tiny`) in its adapter."""
+    return adapter_class(model.config.model_type)(model, processor, name=name)
+
+
+def load_adapter(
+    path_or_hub_id: str,
+    dtype: str | torch.dtype = "fp32",
+    device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+) -> VLMAdapter:
+    """Load a VLM (local directory or hub id) and wrap it in its architecture's adapter.
+
+    Reads the config first (respecting HF_HUB_OFFLINE), dispatches on `config.model_type`.
+    `dtype` is "fp32" | "bf16" | "fp16"; with `device_map` (e.g. "auto") accelerate places
+    the model and `device` is ignored.
+    """
+    config = AutoConfig.from_pretrained(str(path_or_hub_id), trust_remote_code=trust_remote_code)
+    cls = adapter_class(config.model_type)
+    return cls.from_pretrained(
+        str(path_or_hub_id),
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+        trust_remote_code=trust_remote_code,
+        config=config,
+        attn_implementation=attn_implementation,
+    )

@@ -1,0 +1,190 @@
+"""Model adapters (hones/models): structure, encode, batching, generation, save/load, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from hones.models import (
+    IGNORE_INDEX,
+    VLMAdapter,
+    build_tiny_llava,
+    load_adapter,
+    save_pretrained,
+    supported_model_types,
+    train_tokenizer,
+    wrap_model,
+)
+
+PROMPTS = [
+    "Question: what color is the square?\nAnswer the question with a short phrase.",
+    "Describe the image in one sentence.",
+    "Candidate: a red circle.\nDoes the candidate correctly describe the image?\nAnswer exactly Yes or No.",
+]
+TARGETS = ["red", "a small red circle on the left", "Yes"]
+# A non-square image: Qwen gets a different number of image tokens, so rows pad differently.
+SIZES = [(64, 64), (96, 64), (64, 64)]
+
+
+def images(make_image, n: int = 3) -> list:
+    return [make_image(seed=i, size=SIZES[i % len(SIZES)]) for i in range(n)]
+
+
+def test_supported_model_types() -> None:
+    assert {"llava", "qwen2_5_vl"} <= set(supported_model_types())
+
+
+def test_structure(adapter: VLMAdapter) -> None:
+    assert (adapter.num_layers, adapter.num_heads, adapter.head_dim) == (4, 4, 32)
+    assert (adapter.ffn_width, adapter.hidden_size) == (352, 128)
+    assert len(adapter.decoder_layers()) == 4
+    assert adapter.attn_out_proj(2).in_features == adapter.num_heads * adapter.head_dim
+    mlp = adapter.mlp(1)
+    assert mlp.down_proj.in_features == adapter.ffn_width and callable(mlp.act_fn)
+    assert adapter.unembedding().shape == (len(adapter.tokenizer), adapter.hidden_size)
+    # the language model only: the vision tower's layers are not among the decoder layers
+    vision = adapter.model.model.vision_tower if hasattr(adapter.model.model, "vision_tower") else adapter.model.model.visual
+    vision_ids = {id(m) for m in vision.modules()}
+    assert not any(id(layer) in vision_ids for layer in adapter.decoder_layers())
+    assert 0.5e6 < sum(p.numel() for p in adapter.model.parameters()) < 2e6
+
+
+def test_encode_prompt_only(adapter: VLMAdapter, make_image) -> None:
+    batch = adapter.encode(images(make_image), PROMPTS)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.shape == mask.shape and ids.dim() == 2
+    assert (mask[:, -1] == 1).all(), "left padding: every row ends with a real token"
+    assert (mask.sum(1) < ids.shape[1]).any(), "rows of different length are padded"
+    assert (batch["prompt_last_index"] == ids.shape[1] - 1).all()
+    assert "labels" not in batch
+    first_real = mask.argmax(1)
+    assert all((mask[b, first_real[b] :] == 1).all() for b in range(len(PROMPTS)))
+
+
+def test_encode_labels(adapter: VLMAdapter, make_image) -> None:
+    pictures = images(make_image)
+    batch = adapter.encode(pictures, PROMPTS, TARGETS)
+    prompt_only = adapter.encode(pictures, PROMPTS)
+    labels, ids, last = batch["labels"], batch["input_ids"], batch["prompt_last_index"]
+    for b, target in enumerate(TARGETS):
+        supervised = (labels[b] != IGNORE_INDEX).nonzero().flatten()
+        # labels are the contiguous tail of the row, starting right after prompt_last_index
+        assert supervised[0] == last[b] + 1 and supervised[-1] == ids.shape[1] - 1
+        assert (supervised.diff() == 1).all()
+        assert torch.equal(labels[b, supervised], ids[b, supervised])
+        assert adapter.tokenizer.decode(labels[b, supervised]).strip() == f"{target}{adapter.end_of_turn}"
+        # the prompt part is exactly the prompt-only encoding
+        prompt_row = prompt_only["input_ids"][b][prompt_only["attention_mask"][b].bool()]
+        row = ids[b][batch["attention_mask"][b].bool()]
+        assert torch.equal(row[: len(prompt_row)], prompt_row)
+    # logits at prompt_last_index predict the first target token, as after the prompt alone
+    with torch.no_grad():
+        torch.testing.assert_close(
+            adapter.next_token_logits(batch), adapter.next_token_logits(prompt_only), atol=1e-4, rtol=1e-4
+        )
+        logits = adapter.forward(batch)
+    assert logits.shape == (*ids.shape, len(adapter.tokenizer))
+
+
+def test_batched_forward_matches_single(adapter: VLMAdapter, make_image) -> None:
+    pictures = images(make_image)
+    with torch.no_grad():
+        batched = adapter.next_token_logits(adapter.encode(pictures, PROMPTS))
+        single = torch.cat([adapter.next_token_logits(adapter.encode([i], [p])) for i, p in zip(pictures, PROMPTS)])
+    torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-4)
+
+
+def test_batched_teacher_forcing_matches_single(adapter: VLMAdapter, make_image) -> None:
+    pictures = images(make_image)
+    with torch.no_grad():
+        batch = adapter.encode(pictures, PROMPTS, TARGETS)
+        logits = adapter.forward(batch)
+        for b in range(len(PROMPTS)):
+            alone = adapter.encode([pictures[b]], [PROMPTS[b]], [TARGETS[b]])
+            n = alone["input_ids"].shape[1]
+            torch.testing.assert_close(logits[b, -n:], adapter.forward(alone)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_generate_batched_matches_single(adapter: VLMAdapter, make_image) -> None:
+    pictures = images(make_image)
+    batched = adapter.generate(adapter.encode(pictures, PROMPTS), max_new_tokens=6)
+    single = [adapter.generate(adapter.encode([i], [p]), max_new_tokens=6)[0] for i, p in zip(pictures, PROMPTS)]
+    assert len(batched) == len(PROMPTS) and all(isinstance(t, str) for t in batched)
+    assert batched == single
+
+
+def test_generate_rejects_targets(adapter: VLMAdapter, make_image) -> None:
+    with pytest.raises(ValueError, match="prompt-only"):
+        adapter.generate(adapter.encode([make_image()], ["q"], ["a"]))
+
+
+def test_answer_token_ids(adapter: VLMAdapter) -> None:
+    yes, no = adapter.answer_token_ids(["Yes", "No"])
+    assert yes != no
+    assert adapter.tokenizer.decode([yes]).strip() == "Yes"
+    assert adapter.tokenizer.decode([no]).strip() == "No"
+
+
+def test_chat_format(tiny_llava: VLMAdapter, tiny_qwen2_5_vl: VLMAdapter) -> None:
+    assert tiny_llava.format_prompt("hi") == "USER: <image>\nhi ASSISTANT:"
+    assert tiny_llava.format_prompt("hi") == tiny_llava.fallback_prompt("hi")
+    qwen = tiny_qwen2_5_vl.format_prompt("hi")
+    assert qwen == tiny_qwen2_5_vl.fallback_prompt("hi")
+    assert qwen.endswith("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_save_load_roundtrip(adapter: VLMAdapter, make_image, tmp_path) -> None:
+    save_pretrained(adapter.model, adapter.processor, tmp_path)
+    loaded = load_adapter(str(tmp_path))
+    assert type(loaded) is type(adapter)
+    assert loaded.processor.chat_template == adapter.processor.chat_template
+    assert loaded.tokenizer.padding_side == "left"
+    batch = adapter.encode(images(make_image), PROMPTS, TARGETS)
+    reloaded_batch = loaded.encode(images(make_image), PROMPTS, TARGETS)
+    for key, value in batch.items():
+        assert torch.equal(value, reloaded_batch[key]), key
+    with torch.no_grad():
+        assert torch.equal(adapter.forward(batch), loaded.forward(batch))
+
+
+def test_load_bf16(tiny_llava: VLMAdapter, make_image, tmp_path) -> None:
+    save_pretrained(tiny_llava.model, tiny_llava.processor, tmp_path)
+    loaded = load_adapter(str(tmp_path), dtype="bf16")
+    assert loaded.dtype == torch.bfloat16
+    with torch.no_grad():
+        logits = loaded.next_token_logits(loaded.encode([make_image()], ["q"]))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_unsupported_model_type(tmp_path) -> None:
+    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError) as error:
+        load_adapter(str(tmp_path))
+    message = str(error.value)
+    assert "'llama'" in message and "llava" in message and "qwen2_5_vl" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("missing", ["mlp.gate_proj", "self_attn.o_proj"])
+def test_missing_piece_is_named(missing: str) -> None:
+    model, processor = build_tiny_llava(num_layers=2)
+    parent_name, attribute = missing.split(".")
+    delattr(getattr(model.model.language_model.layers[1], parent_name), attribute)
+    with pytest.raises(ValueError, match=attribute):
+        wrap_model(model, processor)
+
+
+def test_train_tokenizer(tmp_path) -> None:
+    tokenizer = train_tokenizer(["red square", "blue circle"] * 5, vocab_size=300, arch="qwen2_5_vl")
+    assert tokenizer.padding_side == "left"
+    assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.eos_token == "<|im_end|>"
+    assert len(tokenizer("<|im_start|><|image_pad|>", add_special_tokens=False)["input_ids"]) == 2
+    tokenizer.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path).padding_side == "left"
+    llava = train_tokenizer(["red square"], arch="llava")
+    assert llava("red")["input_ids"][0] == llava.bos_token_id
+    with pytest.raises(ValueError, match="arch"):
+        train_tokenizer(["x"], arch="gpt")
