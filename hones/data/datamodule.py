@@ -1,0 +1,214 @@
+"""``HonesDataModule``: one (dataset, task, split) as a LightningDataModule of TaskItems.
+
+The batches are encoded by the model adapter (docs/INTERFACES.md ``encode(images, prompts,
+targets=None)``), which the module receives through :meth:`HonesDataModule.set_encoder`.
+A batch is the encoder's dict of tensors plus ``"items"``: the batch's TaskItems (with
+their images loaded), for metrics, groups and labels.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from lightning import LightningDataModule
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from hones.data.errors import SkipReport
+from hones.data.formats import DATASETS, load_records
+from hones.data.records import SourceRecord, TaskItem, load_image
+from hones.data.tasks import N_NEGATIVES, TASKS, TRAIN_NEGATIVES, build_task_items
+
+Encoder = Callable[..., dict[str, torch.Tensor]]
+
+
+class TaskItemDataset(Dataset[TaskItem]):
+    """TaskItems whose ``image`` is loaded (RGB, OCR box drawn) on access.
+
+    A few recently loaded images are kept, since retrieval candidates of one image follow
+    each other.
+    """
+
+    def __init__(self, items: Sequence[TaskItem], cache_size: int = 4) -> None:
+        self.items = list(items)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[Any, ...], Image.Image] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> TaskItem:
+        item = self.items[index]
+        key = (item.image if isinstance(item.image, str) else id(item.image), getattr(item, "box", None))
+        image = self._cache.get(key)
+        if image is None:
+            image = load_image(item)
+            self._cache[key] = image
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return TaskItem(
+            uid=item.uid,
+            task=item.task,
+            image=image,
+            prompt=item.prompt,
+            target=item.target,
+            references=list(item.references),
+            group=item.group,
+            label=item.label,
+        )
+
+
+class TaskCollate:
+    """Collate TaskItems with ``encoder(images, prompts, targets=None)``; adds ``"items"``."""
+
+    def __init__(self, encoder: Encoder, with_targets: bool) -> None:
+        self.encoder = encoder
+        self.with_targets = with_targets
+
+    def __call__(self, items: list[TaskItem]) -> dict[str, Any]:
+        images = [item.image for item in items]
+        prompts = [item.prompt for item in items]
+        targets = [item.target for item in items] if self.with_targets else None
+        batch = dict(self.encoder(images, prompts, targets=targets))
+        batch["items"] = list(items)
+        return batch
+
+
+class HonesDataModule(LightningDataModule):
+    """One (dataset, task, split) of HONES as TaskItem batches.
+
+    Hooks: ``setup`` (load + validate annotations, build the task view),
+    ``train_dataloader`` (shuffled, seeded), ``val_dataloader`` / ``test_dataloader`` /
+    ``predict_dataloader`` (in order).
+
+    Args:
+        dataset: "coco_unified" | "gqa" | "textvqa" | "flickr30k".
+        annotation_file: the dataset's annotation file (see ``hones.data.formats``).
+        task: "vqa" | "ocr" | "caption" | "retrieval".
+        split: the HONES split these items form ("train", "discovery", "dev", "test").
+        image_root: folder of the images (None: paths from the annotations, not checked).
+        split_file: JSON list of image ids to keep.
+        limit, seed: seeded subsample of at most ``limit`` records (images or questions).
+        training: training items (retrieval: positive + ``train_negatives`` negatives);
+            default ``split == "train"``.
+        with_targets: pass targets to the encoder (labels for teacher forcing); default
+            ``training``.
+        lenient: skip and count bad items instead of raising (see ``skips``).
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        annotation_file: str,
+        task: str,
+        split: str = "test",
+        image_root: str | None = None,
+        split_file: str | None = None,
+        limit: int | None = None,
+        seed: int = 0,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        lenient: bool = False,
+        training: bool | None = None,
+        with_targets: bool | None = None,
+        n_neg: int = N_NEGATIVES,
+        train_negatives: int = TRAIN_NEGATIVES,
+        verify_images: bool = False,
+        source_split: str | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        if source_split is not None and dataset != "flickr30k":
+            raise ValueError("source_split applies to flickr30k only")
+        self.save_hyperparameters()
+        self.training = split == "train" if training is None else training
+        self.with_targets = self.training if with_targets is None else with_targets
+        self.skips = SkipReport(annotation_file)
+        self.records: list[SourceRecord] | None = None
+        self.items: list[TaskItem] | None = None
+        self._encoder: Encoder | None = None
+
+    def set_encoder(self, encoder: Encoder) -> None:
+        """Give the batch encoder (the model adapter's ``encode``)."""
+        self._encoder = encoder
+
+    def _loader_options(self) -> dict[str, Any]:
+        hp = self.hparams
+        options: dict[str, Any] = dict(
+            split_file=hp.split_file,
+            limit=hp.limit,
+            seed=hp.seed,
+            lenient=hp.lenient,
+            verify_images=hp.verify_images,
+            skips=self.skips,
+        )
+        if hp.dataset != "gqa":
+            options["cache_dir"] = hp.cache_dir
+        if hp.dataset == "coco_unified":
+            options["tasks"] = (hp.task,)
+        if hp.dataset == "flickr30k":
+            options["source_split"] = hp.source_split
+        return options
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load and validate the annotations, then build the task view (once)."""
+        if self.items is not None:
+            return
+        hp = self.hparams
+        self.records = load_records(hp.dataset, hp.annotation_file, hp.image_root, **self._loader_options())
+        self.items = build_task_items(
+            self.records,
+            hp.task,
+            hp.split,
+            training=self.training,
+            seed=hp.seed,
+            n_neg=hp.n_neg,
+            train_negatives=hp.train_negatives,
+        )
+
+    @property
+    def dataset(self) -> TaskItemDataset:
+        """The TaskItem dataset (after ``setup``)."""
+        if self.items is None:
+            raise RuntimeError("HonesDataModule: call setup() first")
+        return TaskItemDataset(self.items)
+
+    def collate(self) -> TaskCollate:
+        """The batch collate; needs :meth:`set_encoder` first."""
+        if self._encoder is None:
+            raise RuntimeError("HonesDataModule: no encoder; call set_encoder(adapter.encode) first")
+        return TaskCollate(self._encoder, self.with_targets)
+
+    def _loader(self, shuffle: bool) -> DataLoader[TaskItem]:
+        hp = self.hparams
+        generator = torch.Generator().manual_seed(hp.seed) if shuffle else None
+        return DataLoader(
+            self.dataset,
+            batch_size=hp.batch_size,
+            shuffle=shuffle,
+            num_workers=hp.num_workers,
+            collate_fn=self.collate(),
+            generator=generator,
+            persistent_workers=hp.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader[TaskItem]:
+        return self._loader(shuffle=True)
+
+    def val_dataloader(self) -> DataLoader[TaskItem]:
+        return self._loader(shuffle=False)
+
+    def test_dataloader(self) -> DataLoader[TaskItem]:
+        return self._loader(shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader[TaskItem]:
+        return self._loader(shuffle=False)

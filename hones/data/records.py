@@ -1,0 +1,112 @@
+"""Data records: the loaders' validated :class:`SourceRecord` and the pipeline's :class:`TaskItem`.
+
+``TaskItem`` is the contract of docs/INTERFACES.md. ``OCRTaskItem`` is a ``TaskItem``
+that still carries the OCR box to draw, so the blue rectangle is drawn lazily, when the
+image is loaded (:func:`load_image` / :func:`materialize`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from hones.data.images import draw_ocr_box, open_image
+
+
+@dataclass
+class TaskItem:
+    """One model input: image + prompt (user text only) + target, for one task."""
+
+    uid: str  # unique per item, stable: f"{dataset}:{image_id}:{task}[:cand{k}]"
+    task: str  # "vqa" | "ocr" | "caption" | "retrieval"
+    image: Image.Image | str  # a PIL image (RGB) or a path; `load_image()` resolves it
+    prompt: str  # user text only (HONES_METHOD §1 table), no chat template
+    target: str  # training / teacher-forcing target
+    references: list[str]  # what the metric compares against
+    group: str = ""  # retrieval: query image id (NDCG groups); else image id
+    label: int = 0  # retrieval: 1 for the positive candidate, 0 for negatives
+
+
+@dataclass
+class OCRTaskItem(TaskItem):
+    """An OCR ``TaskItem`` whose image gets a blue box drawn at ``box`` ([x, y, w, h]) when loaded."""
+
+    box: tuple[float, float, float, float] | None = None
+
+
+@dataclass
+class QAPair:
+    """A question with its answers (``answer`` is the training target, ``answers`` the metric's)."""
+
+    question_id: str
+    question: str
+    answer: str
+    answers: list[str]
+
+
+@dataclass
+class OCRAnnotation:
+    """One text instance: its transcription and box ``[x, y, w, h]`` in image pixels."""
+
+    text: str
+    bbox: tuple[float, float, float, float]
+
+
+@dataclass
+class SourceRecord:
+    """One validated annotation, as returned by every loader in ``hones.data.formats``.
+
+    Image-level datasets (COCO unified, Flickr30k) give one record per image; question
+    datasets (GQA, TextVQA) one per question, with ``qa.question_id`` set.
+    """
+
+    dataset: str  # "coco_unified" | "gqa" | "textvqa" | "flickr30k"
+    source: str  # annotation file it came from (for error messages)
+    image_id: str
+    image: str  # resolved image path (nominal path when images are not resolved)
+    qa: QAPair | None = None
+    captions: list[str] = field(default_factory=list)
+    ocr: OCRAnnotation | None = None
+    split: str = ""  # the source's own split tag (Flickr30k), else ""
+    per_question: bool = False  # True for question datasets: several records per image
+
+    @property
+    def key(self) -> str:
+        """Unique key of the record: the image id, plus the question id for question datasets."""
+        if self.per_question and self.qa is not None:
+            return f"{self.image_id}:q{self.qa.question_id}"
+        return self.image_id
+
+
+def load_image(item_or_path: TaskItem | Image.Image | str | os.PathLike[str]) -> Image.Image:
+    """Resolve an image to an RGB PIL image.
+
+    Accepts a ``TaskItem`` (its ``image``; an :class:`OCRTaskItem` gets its blue box
+    drawn), a PIL image, or a path. A missing or corrupt file raises
+    :class:`~hones.data.errors.DataError` naming the file (and the item's uid).
+    """
+    if isinstance(item_or_path, TaskItem):
+        item = item_or_path
+        img = _resolve(item.image, item.uid)
+        box = getattr(item, "box", None)
+        return draw_ocr_box(img, box) if box is not None else img
+    return _resolve(item_or_path, None)
+
+
+def _resolve(image: Image.Image | str | os.PathLike[str], uid: str | None) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, (str, Path, os.PathLike)):
+        return open_image(image, item=uid)
+    raise TypeError(f"cannot load an image from {type(image).__name__}")
+
+
+def materialize(item: TaskItem) -> TaskItem:
+    """A plain ``TaskItem`` copy of ``item`` with its image loaded (and OCR box drawn)."""
+    values = {f.name: getattr(item, f.name) for f in dataclasses.fields(TaskItem)}
+    values["image"] = load_image(item)
+    return TaskItem(**values)

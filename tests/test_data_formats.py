@@ -1,0 +1,296 @@
+"""Loaders of hones.data.formats on the real samples, toy-world files and handcrafted bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from hones.data.errors import DataError, SkipReport
+from hones.data.formats import (
+    load_coco_unified,
+    load_flickr30k,
+    load_gqa,
+    load_records,
+    load_textvqa,
+    read_split_ids,
+)
+from hones.data.records import load_image
+from hones.data.toyworld import ToyWorldConfig, generate_world
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+if not SHARED.is_dir():  # the repo may sit elsewhere; the lead's layout is /work/{main,shared}
+    SHARED = Path("/work/shared/data")
+COCO_SAMPLE = SHARED / "coco_unified_sample.json"
+TEXTVQA_SAMPLE = SHARED / "textvqa_sample.json"
+needs_samples = pytest.mark.skipif(not COCO_SAMPLE.is_file(), reason="shared/data samples not present")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hf_cache")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    generate_world(out, ToyWorldConfig(n_train=4, n_discovery=4, n_dev=3, n_test=4, n_ood=6))
+    return out
+
+
+def assert_one_line(err: DataError, *parts: str) -> None:
+    message = str(err)
+    assert "\n" not in message
+    for part in parts:
+        assert part in message, (part, message)
+
+
+def write_coco(path: Path, rows: list[dict]) -> Path:
+    path.write_text(json.dumps({"data": rows}))
+    return path
+
+
+def coco_row(image_id: int, **changes: object) -> dict:
+    row = {
+        "image_id": image_id,
+        "image_info": {"file_name": f"{image_id}.png", "id": image_id, "height": 64, "width": 64},
+        "vqa": {"question_id": image_id, "question": "What color?", "answer": "red", "all_answers": ["red"] * 10},
+        "captions": [{"caption_id": 1, "caption": "A red circle."}, {"caption_id": 2, "caption": "A circle."}],
+        "ocr": {"text": "STOP", "bbox": [4, 4, 20, 10]},
+    }
+    for key, value in changes.items():
+        head, _, tail = key.partition(".")
+        if tail:
+            row[head] = dict(row[head], **{tail: value})
+            if value is ...:
+                del row[head][tail]
+        elif value is ...:
+            del row[head]
+        else:
+            row[head] = value
+    return row
+
+
+# ----------------------------------------------------------------- real samples
+
+
+@needs_samples
+def test_coco_sample_strict_names_the_bad_item(cache: Path) -> None:
+    with pytest.raises(DataError) as info:
+        load_coco_unified(COCO_SAMPLE, cache_dir=cache)
+    assert_one_line(info.value, str(COCO_SAMPLE), "#922", "image_id=491229", "'ocr.text'", "empty text")
+
+
+@needs_samples
+def test_coco_sample_lenient_counts_the_skip(cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+    skips = SkipReport()
+    with caplog.at_level(logging.WARNING, logger="hones.data"):
+        records = load_coco_unified(COCO_SAMPLE, cache_dir=cache, lenient=True, skips=skips)
+    assert len(records) == 1332 and skips.total == 1
+    assert "1 x ocr.text: empty text" in skips.summary() and "\n" not in skips.summary()
+    assert any("skipped 1 item" in r.message for r in caplog.records)
+
+
+@needs_samples
+def test_coco_sample_fields(cache: Path) -> None:
+    records = load_coco_unified(COCO_SAMPLE, cache_dir=cache, tasks=("vqa", "caption"))
+    assert len(records) == 1333
+    first = records[0]
+    assert first.image_id == "158362" and first.qa is not None
+    assert first.qa.question == "Type of shoes the man is wearing?" and first.qa.answer == "sneakers"
+    assert len(first.qa.answers) == 10 and len(first.captions) == 5
+    assert first.image.endswith("COCO_train2014_000000158362.jpg")  # image_path fallback, not opened
+    assert first.ocr is not None and first.ocr.bbox == (263.5, 26.0, 44.0, 20.5) and first.ocr.text == "RMF"
+
+
+@needs_samples
+def test_coco_sample_limit_seed_and_split_file(cache: Path, tmp_path: Path) -> None:
+    a = load_coco_unified(COCO_SAMPLE, cache_dir=cache, tasks=("vqa",), limit=20, seed=3)
+    b = load_coco_unified(COCO_SAMPLE, cache_dir=cache, tasks=("vqa",), limit=20, seed=3)
+    c = load_coco_unified(COCO_SAMPLE, cache_dir=cache, tasks=("vqa",), limit=20, seed=4)
+    assert [r.image_id for r in a] == [r.image_id for r in b] != [r.image_id for r in c]
+    order = {r.image_id: i for i, r in enumerate(load_coco_unified(COCO_SAMPLE, cache_dir=cache, tasks=("vqa",)))}
+    assert [order[r.image_id] for r in a] == sorted(order[r.image_id] for r in a)  # file order kept
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps([158362, "143797"]))
+    assert read_split_ids(split) == {"158362", "143797"}
+    kept = load_coco_unified(COCO_SAMPLE, cache_dir=cache, split_file=split)
+    assert [r.image_id for r in kept] == ["158362", "143797"]
+    split.write_text(json.dumps([158362, 1]))
+    with pytest.raises(DataError) as info:
+        load_coco_unified(COCO_SAMPLE, cache_dir=cache, tasks=("vqa",), split_file=split)
+    assert_one_line(info.value, str(split), "not found")
+    skips = SkipReport()
+    assert len(load_coco_unified(COCO_SAMPLE, cache_dir=cache, split_file=split, lenient=True, skips=skips)) == 1
+    assert skips.total == 1
+
+
+@needs_samples
+def test_textvqa_sample(cache: Path) -> None:
+    records = load_textvqa(TEXTVQA_SAMPLE, cache_dir=cache)
+    assert len(records) == 300
+    first = records[0]
+    assert first.image_id == "003a8ae2ef43b901" and first.qa is not None and first.qa.question_id == "34602"
+    assert first.qa.answer == "dakota" and len(first.qa.answers) == 10
+    assert first.image == "003a8ae2ef43b901.jpg" and first.per_question
+
+
+@needs_samples
+def test_loads_with_hf_offline(tmp_path: Path) -> None:
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    code = (
+        "from hones.data.formats import load_textvqa; "
+        f"print(len(load_textvqa({str(TEXTVQA_SAMPLE)!r}, cache_dir={str(tmp_path)!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert out.stdout.strip() == "300"
+
+
+# ----------------------------------------------------------------- toy-world files
+
+
+def test_toy_sets_load_with_images(world: Path, cache: Path) -> None:
+    gqa = load_gqa(world / "gqa/questions.json", world / "gqa/images", verify_images=True)
+    n_questions = len(json.loads((world / "gqa/questions.json").read_text()))
+    assert len(gqa) == n_questions and all(Path(r.image).is_file() for r in gqa)
+    flickr = load_flickr30k(world / "flickr30k/flickr_annotations_30k.csv", world / "flickr30k/images", cache_dir=cache)
+    assert len(flickr) == 6 and all(len(r.captions) == 5 and Path(r.image).is_file() for r in flickr)
+    textvqa = load_records("textvqa", world / "textvqa/textvqa.json", world / "textvqa/images", cache_dir=cache)
+    assert len(textvqa) == 6 and all(r.image.endswith(".png") for r in textvqa)
+
+
+def test_flickr_csv_and_karpathy_json(tmp_path: Path, cache: Path) -> None:
+    csv_path = tmp_path / "flickr_annotations_30k.csv"
+    rows = [
+        ['["Two dogs, one \\"big\\" cat.", "A b c."]', "[10, 11]", "train", "1000.jpg", "0"],
+        ['["Only one."]', "[12]", "test", "1001.jpg", "1"],
+    ]
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["raw", "sentids", "split", "filename", "img_id"])
+        writer.writerows(rows)
+    records = load_flickr30k(csv_path, cache_dir=cache)
+    assert [r.image_id for r in records] == ["0", "1"]
+    assert records[0].captions == ['Two dogs, one "big" cat.', "A b c."] and records[0].split == "train"
+    assert [r.image_id for r in load_flickr30k(csv_path, source_split="test", cache_dir=cache)] == ["1"]
+
+    karpathy = tmp_path / "dataset_flickr30k.json"
+    karpathy.write_text(json.dumps({"images": [
+        {"filename": "1000.jpg", "imgid": 0, "split": "train", "sentences": [{"raw": "A dog."}, {"raw": "Dog."}]},
+        {"filename": "1001.jpg", "imgid": 1, "split": "val", "sentences": [{"raw": "A cat."}]},
+    ]}))  # fmt: skip
+    records = load_flickr30k(karpathy, cache_dir=cache)
+    assert [r.captions for r in records] == [["A dog.", "Dog."], ["A cat."]]
+    assert load_flickr30k(karpathy, source_split="val", cache_dir=cache)[0].image_id == "1"
+
+
+# ----------------------------------------------------------------- errors
+
+
+def test_malformed_json(tmp_path: Path, cache: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('{"data": [{"image_id": 1},\n {"image_id": 2,, }]}')
+    with pytest.raises(DataError) as info:
+        load_coco_unified(path, cache_dir=cache)
+    assert_one_line(info.value, str(path), "malformed JSON at line 2")
+    gqa = tmp_path / "q.json"
+    gqa.write_text("{")
+    with pytest.raises(DataError) as info:
+        load_gqa(gqa)
+    assert_one_line(info.value, str(gqa), "malformed JSON")
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "problem"),
+    [
+        ({"vqa.answer": ...}, "'vqa.answer'", "missing"),
+        ({"vqa.answer": "  "}, "'vqa.answer'", "empty answer"),
+        ({"vqa.all_answers": ["red", ""]}, "'vqa.all_answers[1]'", "empty"),
+        ({"captions": [{"caption": "ok"}, {"caption": ""}]}, "'captions[1].caption'", "empty caption"),
+        ({"ocr.text": ""}, "'ocr.text'", "empty text"),
+        ({"ocr.bbox": [1, 2, 0, 5]}, "'ocr.bbox'", "width and height must be > 0"),
+        ({"ocr.bbox": [70, 2, 5, 5]}, "'ocr.bbox'", "outside the 64x64 image"),
+        ({"ocr.bbox": [1, 2, 3]}, "'ocr.bbox'", "must be [x, y, w, h]"),
+        ({"image_info": {"id": 7}}, "'image_info.file_name'", "missing"),
+    ],
+)
+def test_bad_field_is_named(tmp_path: Path, cache: Path, changes: dict, field: str, problem: str) -> None:
+    path = write_coco(tmp_path / "ann.json", [coco_row(1), coco_row(7, **changes)])
+    with pytest.raises(DataError) as info:
+        load_coco_unified(path, cache_dir=cache)
+    assert_one_line(info.value, str(path), "item #1 image_id=7", field, problem)
+
+
+def test_mixed_types_fall_back_to_item_errors(tmp_path: Path, cache: Path) -> None:
+    path = write_coco(tmp_path / "ann.json", [coco_row(1), coco_row(2, vqa="not an object")])
+    with pytest.raises(DataError) as info:
+        load_coco_unified(path, cache_dir=cache)
+    assert_one_line(info.value, str(path), "item #1 image_id=2", "'vqa'", "must be an object")
+
+
+def test_other_formats_name_item_and_field(tmp_path: Path, cache: Path) -> None:
+    gqa = tmp_path / "questions.json"
+    gqa.write_text(json.dumps({"q1": {"imageId": "n1", "question": "Q?", "answer": "yes"},
+                               "q2": {"question": "Q?", "answer": "no"}}))  # fmt: skip
+    with pytest.raises(DataError) as info:
+        load_gqa(gqa)
+    assert_one_line(info.value, str(gqa), "qid=q2", "'imageId'", "missing")
+    textvqa = tmp_path / "textvqa.json"
+    textvqa.write_text(json.dumps({"data": [{"question": "what?", "image_id": "ab", "question_id": 5, "answers": []}]}))
+    with pytest.raises(DataError) as info:
+        load_textvqa(textvqa, cache_dir=cache)
+    assert_one_line(info.value, str(textvqa), "question_id=5", "'answers'", "empty list")
+    csv_path = tmp_path / "f.csv"
+    header = "raw,sentids,split,filename,img_id\n"
+    csv_path.write_text(header + '"[""ok""]","[1]",test,a.jpg,1\n"[""unclosed","[2]",test,b.jpg,2\n')
+    with pytest.raises(DataError) as info:
+        load_flickr30k(csv_path, cache_dir=cache)
+    assert_one_line(info.value, str(csv_path), "row 2 img_id=2", "'raw'", "not valid JSON")
+
+
+def test_missing_and_corrupt_images(tmp_path: Path, cache: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    path = write_coco(tmp_path / "ann.json", [coco_row(1), coco_row(2)])
+    Image.new("RGB", (64, 64)).save(images / "1.png")
+    with pytest.raises(DataError) as info:
+        load_coco_unified(path, images, cache_dir=cache)
+    assert_one_line(info.value, str(path), "image_id=2", "'image'", "not found", str(images / "2.png"))
+    (images / "2.png").write_bytes(b"not a png")
+    assert len(load_coco_unified(path, images, cache_dir=cache)) == 2  # existence only
+    with pytest.raises(DataError) as info:
+        load_coco_unified(path, images, cache_dir=cache, verify_images=True)
+    assert_one_line(info.value, str(images / "2.png"), "cannot decode image")
+    with pytest.raises(DataError) as info:
+        load_image(images / "2.png")
+    assert_one_line(info.value, str(images / "2.png"))
+    with pytest.raises(DataError) as info:
+        load_image(images / "3.png")
+    assert_one_line(info.value, str(images / "3.png"), "not found")
+
+
+def test_lenient_skips_are_counted(tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rows = [coco_row(1), coco_row(2, **{"vqa.answer": ""}), coco_row(3), coco_row(4, captions=[]), coco_row(1)]
+    path = write_coco(tmp_path / "ann.json", rows)
+    skips = SkipReport()
+    with caplog.at_level(logging.WARNING, logger="hones.data"):
+        records = load_coco_unified(path, cache_dir=cache, lenient=True, skips=skips)
+    assert [r.image_id for r in records] == ["1", "3"]
+    assert skips.total == 3
+    summary = skips.summary()
+    assert "vqa.answer: empty answer" in summary and "captions: empty list" in summary and "duplicate" in summary
+    assert "skipped 3 item(s)" in caplog.text
+    with pytest.raises(DataError):
+        load_coco_unified(path, cache_dir=cache)
+    empty = write_coco(tmp_path / "empty.json", [])
+    with pytest.raises(DataError) as info:
+        load_coco_unified(empty, cache_dir=cache, lenient=True)
+    assert_one_line(info.value, str(empty), "no items")
