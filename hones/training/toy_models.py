@@ -169,6 +169,9 @@ class ToyVLMModule(L.LightningModule):
             self.task_names = tuple(getattr(datamodule.hparams, "tasks", TASKS))
             datamodule.set_encoder(self.adapter.encode)
 
+    def on_fit_start(self) -> None:
+        self.vlm.train()  # the builders hand over models in eval mode
+
     def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
         return target_cross_entropy(self.adapter.forward(batch), batch["labels"])
 

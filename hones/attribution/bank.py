@@ -1,0 +1,243 @@
+"""Attribution artifacts: neuron banks, head lists, score matrices.
+
+Neuron bank (JSON), our layout: a list ranked by score,
+``[{"layer": 3, "neuron": 117, "score": 0.42, "rank": 0}, ...]``.
+``read_bank`` also accepts the per-layer layout ``{"<layer>": [neuron ids ...]}``
+(scores unknown: NaN; ranks follow layer then listed order). The HONES authors'
+released files use per-layer lists; their exact schema cannot be verified offline,
+so that reader is deliberately tolerant (string or int layer keys, a list of ints per
+layer) and strict about everything else.
+
+Head list (JSON): ``{"task", "utility", "baseline", "num_items", "heads": [{"layer",
+"head", "delta", "intervened", "rank"}, ...]}``.
+Matrices (safetensors): head scores ``delta``/``intervened`` ``[L, H]`` (+ ``baseline``
+scalar), importance and friends ``[L, I]``.
+
+Every writer is atomic (``hones.io``: temporary file + ``os.replace``); no pickle.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from hones import io
+
+
+class BankError(ValueError):
+    """A neuron bank or head list that does not fit the model (one-line message)."""
+
+
+@dataclass(frozen=True)
+class BankEntry:
+    """One selected neuron: ``layer``, ``neuron`` (index in [0, ffn_width)), ``score``, ``rank`` (0 = best)."""
+
+    layer: int
+    neuron: int
+    score: float
+    rank: int
+
+    def to_json(self) -> dict[str, Any]:
+        score = None if math.isnan(self.score) else float(self.score)
+        return {"layer": self.layer, "neuron": self.neuron, "score": score, "rank": self.rank}
+
+
+# -- validation ------------------------------------------------------------------------
+def validate_bank(
+    entries: Sequence[BankEntry], num_layers: int | None = None, ffn_width: int | None = None, source: str = "bank"
+) -> list[BankEntry]:
+    """Check a bank against the model; raise ``BankError`` with a one-line message.
+
+    Errors: empty bank; layer outside [0, num_layers); neuron outside [0, ffn_width);
+    the same (layer, neuron) twice.
+    """
+    if not entries:
+        raise BankError(f"{source}: empty neuron bank")
+    seen: set[tuple[int, int]] = set()
+    for entry in entries:
+        if entry.layer < 0 or (num_layers is not None and entry.layer >= num_layers):
+            raise BankError(f"{source}: layer {entry.layer} out of range [0, {num_layers}) (neuron {entry.neuron})")
+        if entry.neuron < 0 or (ffn_width is not None and entry.neuron >= ffn_width):
+            raise BankError(f"{source}: neuron {entry.neuron} of layer {entry.layer} out of range [0, {ffn_width})")
+        key = (entry.layer, entry.neuron)
+        if key in seen:
+            raise BankError(f"{source}: duplicate entry layer {entry.layer} neuron {entry.neuron}")
+        seen.add(key)
+    return list(entries)
+
+
+def _as_int(value: Any, what: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise BankError(f"{source}: {what} must be an integer; got {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise BankError(f"{source}: {what} must be an integer; got {value!r}") from None
+
+
+def parse_bank(data: Any, source: str = "bank") -> list[BankEntry]:
+    """Entries from either JSON layout (see the module docstring), sorted by rank."""
+    entries: list[BankEntry] = []
+    if isinstance(data, list):
+        for k, row in enumerate(data):
+            if not isinstance(row, Mapping) or "layer" not in row or "neuron" not in row:
+                raise BankError(f"{source}: entry {k} must be an object with 'layer' and 'neuron'; got {row!r}")
+            score = row.get("score")
+            entries.append(
+                BankEntry(
+                    layer=_as_int(row["layer"], f"entry {k} layer", source),
+                    neuron=_as_int(row["neuron"], f"entry {k} neuron", source),
+                    score=float("nan") if score is None else float(score),
+                    rank=_as_int(row.get("rank", k), f"entry {k} rank", source),
+                )
+            )
+        return sorted(entries, key=lambda e: e.rank)
+    if isinstance(data, Mapping):
+        rank = 0
+        for key in sorted(data, key=lambda k: _as_int(k, f"layer key {k!r}", source)):
+            layer = _as_int(key, f"layer key {key!r}", source)
+            neurons = data[key]
+            if not isinstance(neurons, list):
+                raise BankError(f"{source}: layer {key!r} must map to a list of neuron ids; got {type(neurons).__name__}")
+            for neuron in neurons:
+                entries.append(BankEntry(layer, _as_int(neuron, f"layer {layer} neuron", source), float("nan"), rank))
+                rank += 1
+        return entries
+    raise BankError(f"{source}: a neuron bank is a list of entries or a {{layer: [neurons]}} object; got {type(data).__name__}")
+
+
+# -- neuron bank I/O -----------------------------------------------------------------------
+def write_bank(path: str | os.PathLike, entries: Sequence[BankEntry]) -> Path:
+    """Write a bank (list layout, ranked) atomically."""
+    validate_bank(entries, source=str(path))
+    return io.write_json(path, [e.to_json() for e in sorted(entries, key=lambda e: e.rank)])
+
+
+def read_bank(path: str | os.PathLike, num_layers: int | None = None, ffn_width: int | None = None) -> list[BankEntry]:
+    """Read and validate a bank in either layout; raises ``BankError`` (one line) on misfit."""
+    try:
+        data = io.read_json(path)
+    except FileNotFoundError:
+        raise BankError(f"{path}: neuron bank file not found") from None
+    return validate_bank(parse_bank(data, str(path)), num_layers, ffn_width, str(path))
+
+
+def bank_to_layer_dict(entries: Iterable[BankEntry]) -> dict[int, Tensor]:
+    """layer -> LongTensor of neuron ids (sorted), the form ``zero_neurons`` takes."""
+    layers: dict[int, list[int]] = {}
+    for entry in entries:
+        layers.setdefault(entry.layer, []).append(entry.neuron)
+    return {layer: torch.tensor(sorted(ids), dtype=torch.long) for layer, ids in sorted(layers.items())}
+
+
+def neurons_per_layer(entries: Iterable[BankEntry], num_layers: int) -> Tensor:
+    """Number of selected neurons in each layer: ``[L]`` (layer preference, HONES_METHOD §4)."""
+    counts = torch.zeros(num_layers, dtype=torch.long)
+    for entry in entries:
+        counts[entry.layer] += 1
+    return counts
+
+
+def bank_mask(entries: Iterable[BankEntry], num_layers: int, ffn_width: int) -> Tensor:
+    """Boolean ``[L, I]`` mask of the selected neurons."""
+    mask = torch.zeros(num_layers, ffn_width, dtype=torch.bool)
+    for entry in entries:
+        mask[entry.layer, entry.neuron] = True
+    return mask
+
+
+# -- matrices ------------------------------------------------------------------------------
+def save_matrices(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, Any] | None = None) -> Path:
+    """Save named matrices (e.g. importance ``[L, I]``) as safetensors; metadata values become strings."""
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    # clones: safetensors refuses entries that share memory (e.g. c̄ is also the write-in baseline)
+    return io.save_tensors(path, {name: t.detach().clone() for name, t in tensors.items()}, meta)
+
+
+def load_matrices(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Load every tensor of a safetensors file (CPU)."""
+    return io.load_tensors(path)
+
+
+def save_head_scores(path: str | os.PathLike, scores: Any) -> Path:
+    """HeadScores -> safetensors: ``delta``, ``intervened`` ``[L, H]`` and ``baseline`` (scalar)."""
+    return save_matrices(
+        path,
+        {"delta": scores.delta, "intervened": scores.intervened, "baseline": torch.tensor(scores.baseline, dtype=torch.float64)},
+        {"task": scores.task, "utility": scores.utility, "num_items": scores.num_items},
+    )
+
+
+def load_head_scores(path: str | os.PathLike) -> Any:
+    """Inverse of ``save_head_scores``."""
+    from safetensors import safe_open
+
+    from hones.attribution.heads import HeadScores
+
+    tensors = load_matrices(path)
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    return HeadScores(
+        delta=tensors["delta"],
+        intervened=tensors["intervened"],
+        baseline=float(tensors["baseline"]),
+        utility=meta.get("utility", ""),
+        task=meta.get("task", ""),
+        num_items=int(meta.get("num_items", 0)),
+    )
+
+
+def write_head_list(path: str | os.PathLike, scores: Any, top_k: int | None = None) -> Path:
+    """The ranked head list as JSON (all evaluated heads, or the top ``top_k``)."""
+    ranked = scores.ranked_heads()
+    if top_k is not None:
+        ranked = ranked[:top_k]
+    heads = [
+        {
+            "layer": l,
+            "head": h,
+            "delta": float(scores.delta[l, h]),
+            "intervened": float(scores.intervened[l, h]),
+            "rank": rank,
+        }
+        for rank, (l, h) in enumerate(ranked)
+    ]
+    return io.write_json(
+        path,
+        {
+            "task": scores.task,
+            "utility": scores.utility,
+            "baseline": float(scores.baseline),
+            "num_items": int(scores.num_items),
+            "heads": heads,
+        },
+    )
+
+
+def read_head_list(
+    path: str | os.PathLike, num_layers: int | None = None, num_heads: int | None = None
+) -> list[dict[str, Any]]:
+    """The ``heads`` rows of a head list, validated (ranges, duplicates, required keys)."""
+    data = io.read_json(path)
+    rows = data.get("heads") if isinstance(data, Mapping) else None
+    if not isinstance(rows, list) or not rows:
+        raise BankError(f"{path}: a head list needs a non-empty 'heads' array")
+    seen: set[tuple[int, int]] = set()
+    for k, row in enumerate(rows):
+        if not isinstance(row, Mapping) or not {"layer", "head", "delta"} <= set(row):
+            raise BankError(f"{path}: head entry {k} needs 'layer', 'head' and 'delta'")
+        layer, head = _as_int(row["layer"], "layer", str(path)), _as_int(row["head"], "head", str(path))
+        if layer < 0 or (num_layers is not None and layer >= num_layers):
+            raise BankError(f"{path}: head entry {k}: layer {layer} out of range [0, {num_layers})")
+        if head < 0 or (num_heads is not None and head >= num_heads):
+            raise BankError(f"{path}: head entry {k}: head {head} out of range [0, {num_heads})")
+        if (layer, head) in seen:
+            raise BankError(f"{path}: duplicate head layer {layer} head {head}")
+        seen.add((layer, head))
+    return list(rows)

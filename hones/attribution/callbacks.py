@@ -1,0 +1,581 @@
+"""Lightning callbacks for HONES attribution (HONES_METHOD §2-4), usable on any LightningModule.
+
+Protocol: the callback needs a ``VLMAdapter``. It takes ``pl_module.adapter`` (any module
+that exposes its Hugging Face decoder through an adapter attribute), or calls the
+``adapter_factory(pl_module)`` it was given. Batches are the datamodule's dicts
+(``items`` + the adapter's encoding); a pass that needs another encoding (labels for
+teacher forcing, prompt-only for generation) re-encodes the batch from its ``items``.
+
+Design: thin callbacks over the plain accumulators.
+- ``on_{stage}_epoch_start``: build a fresh accumulator on the module's device;
+- ``on_{stage}_batch_end``: feed it the batch (extra forwards of our own; the module's
+  own ``*_step`` is untouched and its outputs are ignored);
+- ``on_{stage}_epoch_end``: ``compute()`` (every process takes part: torchmetrics
+  sums are synchronised), keep the result on the callback (``.scores``, ``.result``,
+  ``.results``), then on global rank 0 only write the artifacts and log to the
+  loggers (TensorBoard: figures and histograms).
+Stages: any of "validate", "test", "predict" (``stages=``); "validate" also runs inside
+``fit``. Sanity-check batches are skipped. No collective runs inside a batch hook, so
+``predict``'s unequal per-rank batch counts are fine.
+
+Chain: ``HeadLocalizationCallback`` -> ``NeuronAttributionCallback(heads=<that callback>)``
+-> ``MaskingVerificationCallback(banks=<that callback>)``; each may also start from files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from hones.attribution.bank import (
+    BankEntry,
+    bank_to_layer_dict,
+    load_head_scores,
+    neurons_per_layer,
+    read_bank,
+    save_head_scores,
+    save_matrices,
+    write_bank,
+    write_head_list,
+)
+from hones.attribution.batches import ensure_prompt_only
+from hones.attribution.heads import DEFAULT_TOP_K, HeadLocalizer, HeadScores, head_score_agreement
+from hones.attribution.neurons import NeuronAttribution, NeuronAttributor
+from hones.attribution.write_in import idf_from_items
+
+AdapterFactory = Callable[[L.LightningModule], Any]
+STAGES = ("validate", "test", "predict")
+_HOOK_STAGE = {"validation": "validate", "test": "test", "predict": "predict"}
+
+
+def resolve_adapter(pl_module: L.LightningModule, adapter_factory: AdapterFactory | None = None) -> Any:
+    """The module's VLMAdapter: ``adapter_factory(pl_module)`` if given, else ``pl_module.adapter``."""
+    if adapter_factory is not None:
+        return adapter_factory(pl_module)
+    adapter = getattr(pl_module, "adapter", None)
+    if adapter is None:
+        raise AttributeError(
+            f"{type(pl_module).__name__} has no `.adapter`; expose the VLMAdapter as `adapter` "
+            "or pass adapter_factory=... to the callback"
+        )
+    return adapter
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON-safe number: NaN / inf become None (strict JSON has no NaN)."""
+    return float(value) if math.isfinite(value) else None
+
+
+def _batch_task(batch: Mapping[str, Any]) -> str | None:
+    items = batch.get("items") if isinstance(batch, Mapping) else None
+    return getattr(items[0], "task", None) if items else None
+
+
+# -- logging (rank 0) -----------------------------------------------------------------------
+def _experiments(trainer: L.Trainer, method: str) -> list[Any]:
+    """Logger back-ends (e.g. TensorBoard's SummaryWriter) that have ``method``."""
+    found = []
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, method):
+            found.append(experiment)
+    return found
+
+
+def _log_scalars(trainer: L.Trainer, values: Mapping[str, float]) -> None:
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(values), step=trainer.global_step)
+
+
+def head_heatmap_figure(delta: Tensor, title: str = "head score Δ") -> Any:
+    """A matplotlib figure of Δ ``[L, H]`` (layers on y, heads on x)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(max(3.0, 0.25 * delta.shape[1] + 1.5), max(2.5, 0.2 * delta.shape[0] + 1.0)))
+    image = axis.imshow(delta.float().numpy(), aspect="auto", cmap="coolwarm", origin="lower")
+    axis.set_xlabel("head")
+    axis.set_ylabel("layer")
+    axis.set_title(title)
+    figure.colorbar(image, ax=axis)
+    figure.tight_layout()
+    return figure
+
+
+def neurons_per_layer_figure(counts: Mapping[str, Tensor], title: str = "selected neurons per layer") -> Any:
+    """A matplotlib figure with one curve per selection (layer preference, HONES_METHOD §4)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 3))
+    for name, values in counts.items():
+        axis.plot(range(len(values)), values.tolist(), marker="o", label=name)
+    axis.set_xlabel("layer")
+    axis.set_ylabel("neurons")
+    axis.set_title(title)
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
+# -- base ---------------------------------------------------------------------------------------
+class _AttributionCallback(Callback):
+    """Wires ``_start`` / ``_batch`` / ``_end`` to the hooks of the chosen stages."""
+
+    def __init__(
+        self,
+        stages: Sequence[str] = ("validate",),
+        adapter_factory: AdapterFactory | None = None,
+        output_dir: str | os.PathLike | None = None,
+    ) -> None:
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"stages must be among {STAGES}; got {unknown}")
+        self.stages = tuple(stages)
+        self.adapter_factory = adapter_factory
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self._active = False
+
+    # subclasses implement these three
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        raise NotImplementedError
+
+    def _batch(self, trainer: L.Trainer, pl_module: L.LightningModule, adapter: Any, batch: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _end(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        raise NotImplementedError
+
+    def _on_start(self, hook: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._active = _HOOK_STAGE[hook] in self.stages and not trainer.sanity_checking
+        if self._active:
+            self._start(trainer, pl_module)
+
+    def _on_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
+        if self._active:
+            self._batch(trainer, pl_module, resolve_adapter(pl_module, self.adapter_factory), batch)
+
+    def _on_end(self, hook: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._active:
+            self._active = False
+            self._end(trainer, pl_module, _HOOK_STAGE[hook])
+
+    def _path(self, name: str) -> Path | None:
+        return None if self.output_dir is None else self.output_dir / name
+
+    # Lightning hooks
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._on_start("validation", trainer, pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[no-untyped-def]
+        self._on_batch(trainer, pl_module, batch)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._on_end("validation", trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._on_start("test", trainer, pl_module)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[no-untyped-def]
+        self._on_batch(trainer, pl_module, batch)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._on_end("test", trainer, pl_module)
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._on_start("predict", trainer, pl_module)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[no-untyped-def]
+        self._on_batch(trainer, pl_module, batch)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._on_end("predict", trainer, pl_module)
+
+
+# -- §2 -----------------------------------------------------------------------------------------
+class HeadLocalizationCallback(_AttributionCallback):
+    """Critical head localization over the stage's batches (HONES_METHOD §2).
+
+    Args:
+        task: the task; None takes it from the first batch's items.
+        utility: "teacher_forced" (default, fast) | "metric" (the paper's: generation / NDCG).
+        top_k: |H*|; None uses the architecture default (LLaVA 30, Qwen2.5-VL 25) capped at L·H.
+        heads: candidate heads (default all); rows_per_forward, rerun, metric_mode,
+            max_new_tokens: see ``HeadLocalizer``.
+        compare_utility: a second utility computed in the same pass (e.g. "metric" beside
+            "teacher_forced"); its agreement with the first (Spearman over heads, top-k
+            overlap; HONES_METHOD §2 asks for it when the fast utility is used) is kept in
+            ``.agreement``, logged and written to ``head_agreement.json``.
+        output_dir: where ``head_scores.safetensors`` and ``heads.json`` go (rank 0).
+
+    After the epoch: ``.scores`` (``HeadScores``), ``.top_heads`` (H*), and with
+    ``compare_utility`` also ``.compare_scores`` and ``.agreement``.
+    """
+
+    def __init__(
+        self,
+        task: str | None = None,
+        utility: str = "teacher_forced",
+        top_k: int | None = None,
+        heads: Sequence[tuple[int, int]] | None = None,
+        rows_per_forward: int = 64,
+        rerun: bool = True,
+        metric_mode: str = "paper",
+        max_new_tokens: int = 24,
+        compare_utility: str | None = None,
+        stages: Sequence[str] = ("validate",),
+        adapter_factory: AdapterFactory | None = None,
+        output_dir: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__(stages, adapter_factory, output_dir)
+        if compare_utility is not None and compare_utility == utility:
+            raise ValueError(f"compare_utility must differ from utility ({utility!r})")
+        self.compare_utility = compare_utility
+        self.compare_localizer: HeadLocalizer | None = None
+        self.compare_scores: HeadScores | None = None
+        self.agreement: dict[str, float] = {}
+        self.task, self.utility, self.top_k = task, utility, top_k
+        self._task_arg = task
+        self.heads = heads
+        self.options = dict(rows_per_forward=rows_per_forward, rerun=rerun, metric_mode=metric_mode, max_new_tokens=max_new_tokens)
+        self.localizer: HeadLocalizer | None = None
+        self.scores: HeadScores | None = None
+        self.top_heads: list[tuple[int, int]] = []
+        self._device: torch.device | None = None
+
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.localizer = None
+        self._device = pl_module.device
+        self.task = self._task_arg
+        if self.task is not None:  # else built on the first batch, once the task is known
+            self._build(resolve_adapter(pl_module, self.adapter_factory), self.task)
+
+    def _build(self, adapter: Any, task: str) -> None:
+        self.task = task
+        self.localizer = HeadLocalizer(
+            adapter.num_layers, adapter.num_heads, task, self.utility, self.heads, **self.options
+        ).to(self._device)
+        if self.compare_utility is not None:
+            self.compare_localizer = HeadLocalizer(
+                adapter.num_layers, adapter.num_heads, task, self.compare_utility, self.heads, **self.options
+            ).to(self._device)
+        self._model_type = getattr(adapter, "model_type", "")
+        self._shape = (adapter.num_layers, adapter.num_heads)
+
+    def _batch(self, trainer: L.Trainer, pl_module: L.LightningModule, adapter: Any, batch: Mapping[str, Any]) -> None:
+        if self.localizer is None:
+            task = _batch_task(batch)
+            if task is None:
+                raise ValueError("HeadLocalizationCallback: give task=... (the batch has no items to read it from)")
+            self._build(adapter, task)
+        assert self.localizer is not None
+        self.localizer.update(adapter, batch)
+        if self.compare_localizer is not None:
+            self.compare_localizer.update(adapter, batch)
+
+    def _end(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.localizer is None:
+            raise RuntimeError("HeadLocalizationCallback: the epoch had no batch")
+        self.scores = self.localizer.compute()
+        layers, heads = self._shape
+        k = self.top_k if self.top_k is not None else min(DEFAULT_TOP_K.get(self._model_type, 30), layers * heads)
+        self.top_heads = self.scores.top_heads(k)
+        if self.compare_localizer is not None:
+            self.compare_scores = self.compare_localizer.compute()
+            self.agreement = head_score_agreement(self.scores, self.compare_scores, k)
+        if not trainer.is_global_zero:
+            return
+        if self.output_dir is not None:
+            save_head_scores(self.output_dir / "head_scores.safetensors", self.scores)
+            write_head_list(self.output_dir / "heads.json", self.scores)
+            if self.compare_scores is not None:
+                save_head_scores(self.output_dir / f"head_scores_{self.compare_utility}.safetensors", self.compare_scores)
+                from hones import io
+
+                io.write_json(
+                    self.output_dir / "head_agreement.json",
+                    {
+                        "utility": self.utility,
+                        "compare_utility": self.compare_utility,
+                        **{name: _finite_or_none(value) for name, value in self.agreement.items()},
+                    },
+                )
+        scalars = {f"attribution/{self.task}/head_baseline_utility": self.scores.baseline}
+        scalars.update({f"attribution/{self.task}/head_agreement/{name}": value for name, value in self.agreement.items()})
+        _log_scalars(trainer, scalars)
+        for experiment in _experiments(trainer, "add_figure"):
+            experiment.add_figure(
+                f"attribution/{self.task}/head_delta",
+                head_heatmap_figure(torch.nan_to_num(self.scores.delta), f"{self.task}: Δ ({self.scores.utility})"),
+                global_step=trainer.global_step,
+            )
+
+
+# -- §3 -----------------------------------------------------------------------------------------
+HeadSource = HeadScores | HeadLocalizationCallback | str | os.PathLike | Sequence[tuple[int, int, float]]
+
+
+def _heads_and_deltas(source: HeadSource, top_k: int | None, default_k: int = 30) -> tuple[list[tuple[int, int]], list[float]]:
+    """H* and Δ from HeadScores, a finished HeadLocalizationCallback, a head_scores file or (l, h, Δ) triples."""
+    if isinstance(source, HeadLocalizationCallback):
+        if source.scores is None:
+            raise RuntimeError("the HeadLocalizationCallback has not produced scores yet (run its stage first)")
+        heads = source.top_heads if top_k is None else source.scores.top_heads(top_k)
+        return heads, [float(source.scores.delta[h]) for h in heads]
+    if isinstance(source, (str, os.PathLike)):
+        source = load_head_scores(source)
+    if isinstance(source, HeadScores):
+        heads = source.top_heads(top_k if top_k is not None else default_k)
+        return heads, [float(source.delta[h]) for h in heads]
+    triples = list(source)
+    return [(int(l), int(h)) for l, h, _ in triples], [float(d) for _, _, d in triples]
+
+
+class NeuronAttributionCallback(_AttributionCallback):
+    """Head-conditioned neuron attribution and the baseline selections (HONES_METHOD §3-4).
+
+    Args:
+        heads: H* — a ``HeadLocalizationCallback`` (run before), ``HeadScores``, a
+            ``head_scores.safetensors`` path, or (layer, head, Δ) triples.
+        top_k: |H*| when ``heads`` holds all scores (None: the callback's own H*, else the
+            architecture default: LLaVA 30, Qwen2.5-VL 25, others 30).
+        top_ratio: budget, the global top fraction of L × I (§3 default 0.01).
+        task: None reads it from the first batch.
+        idf: caption IDF ``[vocab]``; "auto" computes it from ``trainer.datamodule.items``
+            for captions (each reference a document); None: w_t = 1.
+        activation_statistics: also accumulate AP / MA (prompt positions).
+        gradient_baseline: also accumulate gradient × activation (a backward per batch).
+        baseline_seed: seed of the random baseline.
+        output_dir: ``importance.safetensors``, ``bank_hones.json``, ``bank_<baseline>.json``.
+
+    After the epoch: ``.result`` (``NeuronAttribution``), ``.bank`` (HONES) and ``.banks``
+    (HONES + baselines, name -> entries).
+    """
+
+    def __init__(
+        self,
+        heads: HeadSource,
+        top_k: int | None = None,
+        top_ratio: float = 0.01,
+        task: str | None = None,
+        idf: Tensor | str | None = "auto",
+        rows_per_forward: int = 64,
+        activation_statistics: bool = True,
+        gradient_baseline: bool = False,
+        baseline_seed: int = 0,
+        stages: Sequence[str] = ("validate",),
+        adapter_factory: AdapterFactory | None = None,
+        output_dir: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__(stages, adapter_factory, output_dir)
+        self.head_source, self.top_k, self.top_ratio = heads, top_k, top_ratio
+        self.task, self.idf = task, idf
+        self._task_arg = task
+        self.rows_per_forward = rows_per_forward
+        self.activation_statistics, self.gradient_baseline = activation_statistics, gradient_baseline
+        self.baseline_seed = baseline_seed
+        self.attributor: NeuronAttributor | None = None
+        self.result: NeuronAttribution | None = None
+        self.bank: list[BankEntry] = []
+        self.banks: dict[str, list[BankEntry]] = {}
+        self._device: torch.device | None = None
+
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.attributor = None
+        self._device = pl_module.device
+        self.task = self._task_arg
+        if self.task is not None:  # else built on the first batch, once the task is known
+            self._build(trainer, resolve_adapter(pl_module, self.adapter_factory), self.task)
+
+    def _build(self, trainer: L.Trainer, adapter: Any, task: str) -> None:
+        self.task = task
+        default_k = DEFAULT_TOP_K.get(getattr(adapter, "model_type", ""), 30)
+        heads, deltas = _heads_and_deltas(self.head_source, self.top_k, default_k)
+        self.attributor = NeuronAttributor(
+            adapter.num_layers,
+            adapter.ffn_width,
+            heads,
+            deltas,
+            task,
+            idf=self._resolve_idf(trainer, adapter, task),
+            rows_per_forward=self.rows_per_forward,
+            activation_statistics=self.activation_statistics,
+            gradient_baseline=self.gradient_baseline,
+        ).to(self._device)
+
+    def _resolve_idf(self, trainer: L.Trainer, adapter: Any, task: str) -> Tensor | None:
+        if isinstance(self.idf, Tensor) or self.idf is None:
+            return self.idf
+        if self.idf != "auto":
+            raise ValueError(f"idf must be a tensor, 'auto' or None; got {self.idf!r}")
+        if task != "caption":
+            return None
+        items = getattr(getattr(trainer, "datamodule", None), "items", None)
+        if not items:
+            raise ValueError("idf='auto' needs trainer.datamodule.items (the discovery split); pass idf=<tensor> instead")
+        return idf_from_items(adapter, items).to(self._device)
+
+    def _batch(self, trainer: L.Trainer, pl_module: L.LightningModule, adapter: Any, batch: Mapping[str, Any]) -> None:
+        if self.attributor is None:
+            task = _batch_task(batch)
+            if task is None:
+                raise ValueError("NeuronAttributionCallback: give task=... (the batch has no items to read it from)")
+            self._build(trainer, adapter, task)
+        assert self.attributor is not None
+        self.attributor.update(adapter, batch)
+
+    def _end(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.attributor is None:
+            raise RuntimeError("NeuronAttributionCallback: the epoch had no batch")
+        self.result = self.attributor.compute()
+        self.bank = self.result.select(self.top_ratio)
+        self.banks = {"hones": self.bank, **self.result.baseline_banks(self.bank, self.baseline_seed)}
+        if not trainer.is_global_zero:
+            return
+        result = self.result
+        num_layers = result.importance.shape[0]
+        if self.output_dir is not None:
+            matrices = {"importance": result.importance, "mean_contribution": result.mean_contribution}
+            matrices.update({f"baseline_{k}": v for k, v in result.baselines.items()})
+            matrices.update({f"stat_{k}": v for k, v in result.activation_statistics.items() if v.dim() == 2})
+            meta = {"task": self.task, "num_items": result.num_items, "heads": result.heads, "head_deltas": result.head_deltas.tolist()}
+            save_matrices(self.output_dir / "importance.safetensors", matrices, meta)
+            for name, entries in self.banks.items():
+                write_bank(self.output_dir / f"bank_{name}.json", entries)
+        counts = {name: neurons_per_layer(entries, num_layers) for name, entries in self.banks.items()}
+        _log_scalars(trainer, {f"attribution/{self.task}/neurons_selected": float(len(self.bank))})
+        for experiment in _experiments(trainer, "add_histogram"):
+            experiment.add_histogram(f"attribution/{self.task}/importance", result.importance.float().flatten(), trainer.global_step)
+        for experiment in _experiments(trainer, "add_figure"):
+            experiment.add_figure(
+                f"attribution/{self.task}/neurons_per_layer", neurons_per_layer_figure(counts), global_step=trainer.global_step
+            )
+
+
+# -- §4 -----------------------------------------------------------------------------------------
+BankSource = Mapping[str, "Sequence[BankEntry] | str | os.PathLike"] | NeuronAttributionCallback
+
+
+class MaskingVerificationCallback(_AttributionCallback):
+    """Causal verification by masking on the held-out split (HONES_METHOD §4).
+
+    For every batch: the task metric of the unmodified model and, per bank, with
+    ``zero_neurons`` on the bank's neurons (every position, prompt and generated tokens).
+
+    Args:
+        banks: name -> bank (entries or a bank JSON path), or a finished
+            ``NeuronAttributionCallback`` (its HONES bank and baselines).
+        task: None reads it from the first batch.
+        metric_mode: "paper" | "official"; max_new_tokens: generation budget (§1: 24).
+        output_dir: ``masking.json``.
+
+    After the epoch ``.results``: ``{"task", "metric", "base", "banks": {name: {"masked",
+    "drop", "relative_drop", "num_neurons"}}}`` with relative_drop = 100 (P − P_masked) / |P|
+    (None when P = 0).
+    """
+
+    def __init__(
+        self,
+        banks: BankSource,
+        task: str | None = None,
+        metric_mode: str = "paper",
+        max_new_tokens: int = 24,
+        stages: Sequence[str] = ("test",),
+        adapter_factory: AdapterFactory | None = None,
+        output_dir: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__(stages, adapter_factory, output_dir)
+        self.bank_source, self.task = banks, task
+        self._task_arg = task
+        self.metric_mode, self.max_new_tokens = metric_mode, max_new_tokens
+        self.metrics: torch.nn.ModuleDict | None = None
+        self.layer_dicts: dict[str, dict[int, Tensor]] = {}
+        self.results: dict[str, Any] = {}
+        self._device: torch.device | None = None
+
+    def _resolve_banks(self, adapter: Any) -> dict[str, list[BankEntry]]:
+        if isinstance(self.bank_source, NeuronAttributionCallback):
+            if not self.bank_source.banks:
+                raise RuntimeError("the NeuronAttributionCallback has no banks yet (run its stage first)")
+            return dict(self.bank_source.banks)
+        banks: dict[str, list[BankEntry]] = {}
+        for name, bank in self.bank_source.items():
+            if isinstance(bank, (str, os.PathLike)):
+                banks[name] = read_bank(bank, adapter.num_layers, adapter.ffn_width)
+            else:
+                banks[name] = list(bank)
+        return banks
+
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.metrics = None
+        self._device = pl_module.device
+        self.task = self._task_arg
+        if self.task is not None:  # else built on the first batch, once the task is known
+            self._build(resolve_adapter(pl_module, self.adapter_factory), self.task)
+
+    def _build(self, adapter: Any, task: str) -> None:
+        from hones.evaluation import TaskScorer
+        from hones.metrics import build_metric
+
+        self.task = task
+        self.scorer = TaskScorer(task, self.max_new_tokens)
+        banks = self._resolve_banks(adapter)
+        self.num_neurons = {name: len(entries) for name, entries in banks.items()}
+        self.layer_dicts = {name: bank_to_layer_dict(entries) for name, entries in banks.items()}
+        names = ["base", *banks]
+        self.metrics = torch.nn.ModuleDict({name: build_metric(task, self.metric_mode) for name in names}).to(self._device)
+
+    def _batch(self, trainer: L.Trainer, pl_module: L.LightningModule, adapter: Any, batch: Mapping[str, Any]) -> None:
+        from hones.interventions import zero_neurons
+
+        if self.metrics is None:
+            task = _batch_task(batch)
+            if task is None:
+                raise ValueError("MaskingVerificationCallback: give task=... (the batch has no items to read it from)")
+            self._build(adapter, task)
+        assert self.metrics is not None
+        batch = ensure_prompt_only(adapter, batch)
+        with torch.no_grad():
+            self.scorer.update(self.metrics["base"], self.scorer.predict(adapter, batch))
+            for name, neurons in self.layer_dicts.items():
+                with zero_neurons(adapter, neurons):
+                    self.scorer.update(self.metrics[name], self.scorer.predict(adapter, batch))
+
+    def _end(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.metrics is None:
+            raise RuntimeError("MaskingVerificationCallback: the epoch had no batch")
+        values = {name: float(metric.compute()) for name, metric in self.metrics.items()}
+        base = values["base"]
+        banks = {}
+        for name in self.layer_dicts:
+            drop = base - values[name]
+            banks[name] = {
+                "masked": values[name],
+                "drop": drop,
+                "relative_drop": _finite_or_none(100.0 * drop / abs(base)) if base != 0 else None,
+                "num_neurons": self.num_neurons[name],
+            }
+        self.results = {"task": self.task, "metric": self.metrics["base"].__class__.__name__, "base": base, "banks": banks}
+        if not trainer.is_global_zero:
+            return
+        if self.output_dir is not None:
+            from hones import io
+
+            io.write_json(self.output_dir / "masking.json", self.results)
+        scalars = {f"masking/{self.task}/base": base}
+        for name, row in banks.items():
+            scalars[f"masking/{self.task}/{name}/masked"] = row["masked"]
+            if row["relative_drop"] is not None:
+                scalars[f"masking/{self.task}/{name}/relative_drop"] = row["relative_drop"]
+        _log_scalars(trainer, scalars)

@@ -1,0 +1,295 @@
+"""The attribution callbacks on a LightningModule defined here (not part of hones).
+
+The module only exposes `.adapter`; its own steps do something unrelated. The callbacks
+must reproduce the plain accumulators, write their artifacts, and log to TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from hones.attribution.bank import BankEntry, load_head_scores, read_bank, write_bank
+from hones.attribution.batches import encode_items
+from hones.attribution.callbacks import (
+    HeadLocalizationCallback,
+    MaskingVerificationCallback,
+    NeuronAttributionCallback,
+    resolve_adapter,
+)
+from hones.attribution.heads import HeadLocalizer
+from hones.attribution.neurons import NeuronAttributor
+from hones.data.records import TaskItem
+from hones.models import VLMAdapter
+
+QA = [
+    ("what color is the square?", "red"),
+    ("how many circles?", "two"),
+    ("is there a triangle?", "no"),
+    ("what shape is blue?", "a circle"),
+]
+CANDIDATES = [(l, h) for l in range(4) for h in range(4)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class ShapesModule(L.LightningModule):
+    """Any module: it exposes its VLM as `.adapter`; its steps compute an unrelated loss."""
+
+    def __init__(self, adapter: VLMAdapter | None = None) -> None:
+        super().__init__()
+        self._given = adapter
+        self.adapter: VLMAdapter | None = None
+
+    def configure_model(self) -> None:
+        if self.adapter is not None:
+            return
+        if self._given is None:  # built inside each spawned process
+            from hones.models import build_tiny_llava, wrap_model
+
+            self._given = wrap_model(*build_tiny_llava(seed=0))
+        self.adapter = self._given
+        self.vlm = self.adapter.model
+
+    def _step(self, batch: dict[str, Any]) -> torch.Tensor:
+        return torch.tensor(float(len(batch["items"])))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch)
+
+
+def items_only(items: list[TaskItem]) -> dict[str, Any]:
+    """Collate without encoding: the callbacks re-encode from items."""
+    return {"items": list(items)}
+
+
+def make_items(make_image) -> list[TaskItem]:
+    return [
+        TaskItem(uid=f"toy:{k}:vqa", task="vqa", image=make_image(seed=k), prompt=q, target=a, references=[a])
+        for k, (q, a) in enumerate(QA)
+    ]
+
+
+def encoded_loader(adapter: VLMAdapter, items: list[TaskItem], with_targets: bool) -> DataLoader:
+    def collate(batch_items: list[TaskItem]) -> dict[str, Any]:
+        return encode_items(adapter, batch_items, with_targets)
+
+    return DataLoader(items, batch_size=2, collate_fn=collate)
+
+
+def trainer(tmp_path: Path, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(str(tmp_path / "tb"), name="", version="run", default_hp_metric=False),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **kwargs,
+    )
+
+
+def test_callback_chain_equals_plain_accumulators(tiny_llava: VLMAdapter, make_image, tmp_path: Path) -> None:
+    items = make_items(make_image)
+    module = ShapesModule(tiny_llava)
+    out = tmp_path / "out"
+    heads_cb = HeadLocalizationCallback(heads=CANDIDATES, top_k=3, rows_per_forward=16, output_dir=out)
+    trainer(tmp_path, [heads_cb]).validate(module, encoded_loader(tiny_llava, items, with_targets=True), verbose=False)
+
+    plain = HeadLocalizer(4, 4, "vqa", heads=CANDIDATES, rows_per_forward=16)
+    for start in (0, 2):
+        plain.update(tiny_llava, encode_items(tiny_llava, items[start : start + 2], with_targets=True))
+    expected = plain.compute()
+    assert heads_cb.task == "vqa" and heads_cb.scores is not None
+    torch.testing.assert_close(heads_cb.scores.delta, expected.delta, equal_nan=True)
+    assert heads_cb.top_heads == expected.top_heads(3)
+    on_disk = load_head_scores(out / "head_scores.safetensors")
+    torch.testing.assert_close(on_disk.delta, expected.delta, equal_nan=True)
+    assert json.loads((out / "heads.json").read_text())["heads"][0]["layer"] == expected.top_heads(1)[0][0]
+
+    # §3 from the head callback; prompt-only batches this time (labels are not needed)
+    neurons_cb = NeuronAttributionCallback(heads=heads_cb, rows_per_forward=8, gradient_baseline=True, output_dir=out)
+    trainer(tmp_path, [neurons_cb]).validate(module, encoded_loader(tiny_llava, items, with_targets=False), verbose=False)
+    deltas = [float(expected.delta[h]) for h in expected.top_heads(3)]
+    attributor = NeuronAttributor(4, tiny_llava.ffn_width, expected.top_heads(3), deltas, "vqa", rows_per_forward=8)
+    for start in (0, 2):
+        attributor.update(tiny_llava, encode_items(tiny_llava, items[start : start + 2], with_targets=False))
+    result = attributor.compute()
+    assert neurons_cb.result is not None
+    torch.testing.assert_close(neurons_cb.result.importance, result.importance)
+    assert [(e.layer, e.neuron) for e in neurons_cb.bank] == [(e.layer, e.neuron) for e in result.select(0.01)]
+    assert set(neurons_cb.banks) == {"hones", "random", "activation", "write_in", "grad_x_act"}
+    assert all(len(bank) == len(neurons_cb.bank) for bank in neurons_cb.banks.values())
+    for name in neurons_cb.banks:
+        assert read_bank(out / f"bank_{name}.json", 4, tiny_llava.ffn_width)
+    assert (out / "importance.safetensors").is_file()
+    assert "stat_activation_probability" in load_file(str(out / "importance.safetensors"))
+
+    # §4 from the neuron callback, in trainer.test
+    masking_cb = MaskingVerificationCallback(banks=neurons_cb, max_new_tokens=4, output_dir=out)
+    trainer(tmp_path, [masking_cb]).test(module, encoded_loader(tiny_llava, items, with_targets=False), verbose=False)
+    results = json.loads((out / "masking.json").read_text())
+    assert results == json.loads(json.dumps(masking_cb.results))
+    assert set(results["banks"]) == set(neurons_cb.banks)
+    for row in results["banks"].values():
+        assert row["drop"] == pytest.approx(results["base"] - row["masked"])
+
+    # TensorBoard got the heat map, the histogram, the per-layer figure and scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb" / "run"), size_guidance={"images": 0, "histograms": 0}).Reload()
+    tags = events.Tags()
+    assert "attribution/vqa/head_delta" in tags["images"]
+    assert "attribution/vqa/neurons_per_layer" in tags["images"]
+    assert "attribution/vqa/importance" in tags["histograms"]
+    assert "masking/vqa/hones/masked" in tags["scalars"]
+
+
+def test_masking_callback_with_bank_files_and_factory(tiny_qwen2_5_vl: VLMAdapter, make_image, tmp_path: Path) -> None:
+    """An adapter factory instead of `.adapter`; banks from JSON files; items re-encoded; predict; retrieval."""
+    prompt = "Candidate: {}\nDoes the candidate correctly describe the image?\nAnswer exactly Yes or No."
+    items = [
+        TaskItem(uid=f"toy:0:retrieval:cand{k}", task="retrieval", image=make_image(seed=0), prompt=prompt.format(c),
+                 target="Yes" if k == 0 else "No", references=[], group="0", label=int(k == 0))
+        for k, c in enumerate(["a red square", "two dogs", "a boat at sea"])
+    ]
+    path = write_bank(tmp_path / "bank.json", [BankEntry(1, n, 1.0, n) for n in range(40)])
+    holder = torch.nn.Module()
+    holder.vlm = tiny_qwen2_5_vl.model
+
+    class Plain(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.holder = holder
+
+        def predict_step(self, batch: dict[str, Any], batch_idx: int) -> int:
+            return len(batch["items"])
+
+    masking_cb = MaskingVerificationCallback(
+        banks={"mine": str(path), "empty_layer": [BankEntry(3, 0, 1.0, 0)]},
+        stages=("predict",),
+        adapter_factory=lambda module: tiny_qwen2_5_vl,
+    )
+    trainer(tmp_path, [masking_cb]).predict(Plain(), DataLoader(items, batch_size=2, collate_fn=items_only))
+    results = masking_cb.results
+    assert results["task"] == "retrieval" and set(results["banks"]) == {"mine", "empty_layer"}
+    assert results["banks"]["mine"]["num_neurons"] == 40
+    base = results["base"]
+    assert 0.0 < base <= 1.0  # NDCG@5 with one positive among 3 candidates
+    for row in results["banks"].values():
+        assert row["relative_drop"] == pytest.approx(100.0 * (base - row["masked"]) / base)
+
+
+def test_callbacks_explain_a_missing_adapter() -> None:
+    with pytest.raises(AttributeError, match="expose the VLMAdapter as `adapter`"):
+        resolve_adapter(L.LightningModule())
+    with pytest.raises(ValueError, match="stages must be among"):
+        HeadLocalizationCallback(stages=("fit",))
+
+
+def test_metric_utility_with_agreement_inside_fit(tiny_llava: VLMAdapter, make_image, tmp_path: Path) -> None:
+    """utility="metric" + teacher-forced agreement, in validation inside fit: sanity check skipped."""
+    items = make_items(make_image)[:2]
+
+    class Fitting(ShapesModule):
+        def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+            return self.dummy.sum() * 0
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD([self.dummy], lr=0.0)
+
+    module = Fitting(tiny_llava)
+    module.dummy = torch.nn.Parameter(torch.zeros(1))
+    callback = HeadLocalizationCallback(
+        utility="metric", compare_utility="teacher_forced", heads=[(0, 0), (3, 1), (2, 2)], top_k=1,
+        max_new_tokens=3, output_dir=tmp_path / "out",
+    )
+    loader = DataLoader(items, batch_size=2, collate_fn=items_only)
+    trainer(tmp_path, [callback], max_epochs=1, num_sanity_val_steps=1, limit_train_batches=1).fit(module, loader, loader)
+    assert callback.scores is not None and callback.scores.num_items == 2
+    assert callback.scores.utility == "metric" and len(callback.top_heads) == 1
+    assert callback.compare_scores is not None and callback.compare_scores.utility == "teacher_forced"
+    assert set(callback.agreement) == {"spearman", "top_k_overlap", "k"}
+    written = json.loads((tmp_path / "out" / "head_agreement.json").read_text())
+    assert written["compare_utility"] == "teacher_forced" and written["top_k_overlap"] in (0.0, 1.0)
+
+
+SPAWN_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import lightning as L
+    from torch.utils.data import DataLoader
+    sys.path.insert(0, {tests!r})
+    from test_callbacks import ShapesModule, items_only, make_items, CANDIDATES
+    from hones.attribution.callbacks import HeadLocalizationCallback, NeuronAttributionCallback
+
+    def image(seed, size=(64, 64)):
+        import numpy as np
+        from PIL import Image
+        rng = np.random.default_rng(seed)
+        return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+
+    if __name__ == "__main__":
+        torch.set_num_threads(1)
+        devices = int(sys.argv[1]); out = sys.argv[2]
+        items = make_items(image)
+        loader = DataLoader(items, batch_size=1, collate_fn=items_only)
+        kwargs = dict(accelerator="cpu", devices=devices, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False)
+        if devices > 1:
+            kwargs["strategy"] = "ddp_spawn"
+        heads = HeadLocalizationCallback(heads=CANDIDATES, top_k=3, output_dir=out)
+        L.Trainer(callbacks=[heads], **kwargs).validate(ShapesModule(), loader, verbose=False)
+        neurons = NeuronAttributionCallback(heads=out + "/head_scores.safetensors", top_k=3, output_dir=out)
+        L.Trainer(callbacks=[neurons], **kwargs).validate(ShapesModule(), loader, verbose=False)
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_spawn_reproduces_single_process(tmp_path: Path) -> None:
+    """Sums reduce across processes: a 2-process ddp_spawn run writes the 1-process artifacts."""
+    script = tmp_path / "run_attribution.py"
+    script.write_text(SPAWN_SCRIPT.format(tests=str(Path(__file__).parent)))
+    for devices in (1, 2):
+        done = subprocess.run(
+            [sys.executable, str(script), str(devices), str(tmp_path / f"out{devices}")],
+            capture_output=True, text=True, timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    one = load_head_scores(tmp_path / "out1" / "head_scores.safetensors")
+    two = load_head_scores(tmp_path / "out2" / "head_scores.safetensors")
+    assert one.num_items == two.num_items == 4
+    torch.testing.assert_close(two.delta, one.delta, atol=1e-5, rtol=0, equal_nan=True)
+    a = load_file(str(tmp_path / "out1" / "importance.safetensors"))
+    b = load_file(str(tmp_path / "out2" / "importance.safetensors"))
+    torch.testing.assert_close(b["importance"], a["importance"], atol=1e-6, rtol=1e-4)
+    assert [(e.layer, e.neuron) for e in read_bank(tmp_path / "out1" / "bank_hones.json")] == [
+        (e.layer, e.neuron) for e in read_bank(tmp_path / "out2" / "bank_hones.json")
+    ]
