@@ -1,0 +1,91 @@
+"""The steering command line: ``LightningCLI`` over ``SteeringModule`` + ``HonesDataModule``.
+
+One YAML per (model, task) serves every command:
+
+- ``trainer`` / ``model`` / ``data``: the usual LightningCLI sections; ``model.task`` is
+  linked to ``data.task`` (give it once, under ``model``);
+- ``compare``: the §5 comparison's extra inputs (:class:`CompareSettings`), ignored by
+  ``fit`` / ``validate`` / ``test``.
+
+Trainer defaults are the paper's (HONES_METHOD §5): 2 epochs, gradient accumulation 4,
+gradient-norm clip 1.0; the logger is TensorBoard with ``default_hp_metric=False``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from jsonargparse import lazy_instance
+
+from hones.steering.methods import GRID_FACTORS, METHOD_NAMES
+
+# §5: 2 epochs, gradient accumulation 4, gradient-norm clip 1.0.
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "max_epochs": 2,
+    "accumulate_grad_batches": 4,
+    "gradient_clip_val": 1.0,
+    "gradient_clip_algorithm": "norm",
+}
+
+
+@dataclass
+class CompareSettings:
+    """The ``compare:`` section of a steering config (HONES_METHOD §5 comparison).
+
+    Args:
+        output_dir: summary (``summary.json``, ``summary.md``), per-method scales and logs.
+        methods: which of ``hones.steering.methods.METHOD_NAMES`` to run, in order.
+        grid_factors: Grid-Search candidates (uniform factor, s = factor - 1).
+        dev_split_file: dev split (training and Grid-Search selection); default ``data.split_file``.
+        dev_limit: at most this many dev records for the Grid-Search selection (None: all).
+        test_split_file: in-distribution test split (required).
+        test_limit: at most this many test records (None: all).
+        ood: ``HonesDataModule`` arguments of the task's OOD set (``dataset``,
+            ``annotation_file``, ``image_root``, ``limit``, ...); None skips OOD.
+    """
+
+    output_dir: str = "runs/steering/compare"
+    methods: list[str] = field(default_factory=lambda: list(METHOD_NAMES))
+    grid_factors: list[float] = field(default_factory=lambda: list(GRID_FACTORS))
+    dev_split_file: str | None = None
+    dev_limit: int | None = None
+    test_split_file: str | None = None
+    test_limit: int | None = None
+    ood: dict[str, Any] | None = None
+
+
+class SteeringCLI(LightningCLI):
+    """LightningCLI with the §5 defaults, the task link and the ``compare`` section."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.task", "data.task")
+        parser.add_class_arguments(CompareSettings, "compare")
+        parser.set_defaults({f"trainer.{key}": value for key, value in TRAINER_DEFAULTS.items()})
+        parser.set_defaults(
+            {
+                "trainer.logger": lazy_instance(
+                    TensorBoardLogger, save_dir="runs/steering", name="tb", default_hp_metric=False
+                )
+            }
+        )
+
+
+class ConfigReader(SteeringCLI):
+    """Parses a steering config without instantiating anything (``.parser``, ``.config``)."""
+
+    def instantiate_classes(self) -> None:
+        self.config_init = None
+
+
+def read_config(args: list[str]) -> ConfigReader:
+    """Parse ``["--config", path, "--model.beta", "0", ...]`` into a :class:`ConfigReader`."""
+    from hones.data.datamodule import HonesDataModule
+    from hones.steering.module import SteeringModule
+
+    with warnings.catch_warnings():  # `args` is deliberate here, whatever sys.argv holds
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return ConfigReader(SteeringModule, HonesDataModule, args=args, run=False, save_config_callback=None)

@@ -1,0 +1,215 @@
+"""The §5 comparison: every steering method on one task, in-distribution and OOD.
+
+    python -m hones.steering.compare --config configs/steering/toy_llava_vqa.yaml
+    python train.py compare --config configs/steering/toy_llava_vqa.yaml --compare.methods '[base, hones]'
+
+The config is the one ``train.py fit`` uses (``hones.steering.cli``); its ``compare:``
+section names the test split, the OOD set (GQA for vqa, TextVQA for ocr, Flickr30k for
+caption and retrieval) and the output folder. Per method (``hones.steering.methods``):
+
+- Base, Fixed-Amp: evaluated as they are;
+- Grid-Search: each uniform factor evaluated on dev, the best one (ties: the factor
+  closest to 1) evaluated on test and OOD;
+- RandNeuron, HONES w/o KL, HONES: trained on the dev split's training items (the
+  configured trainer: 2 epochs, accumulation 4, clip 1.0 by default; no per-epoch
+  validation), then evaluated; their scales are saved.
+
+Writes ``<output_dir>/summary.json`` and ``summary.md`` (one row per method: test and OOD
+metric), and per method ``<output_dir>/<method>/`` (metrics, predictions, scales) and
+TensorBoard logs under ``<output_dir>/tb/<method>``. The model is loaded once and shared.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from hones import io
+from hones.data.datamodule import HonesDataModule
+from hones.steering.cli import ConfigReader, read_config
+from hones.steering.methods import SteeringMethod, factor_to_scale, get_method
+from hones.steering.module import SteeringModule
+
+# HonesDataModule arguments an OOD set inherits from the in-distribution data config.
+_SHARED_DATA_KEYS = ("batch_size", "num_workers", "seed", "n_neg", "lenient", "verify_images")
+
+
+class SharedAdapter:
+    """Loads the model once; every method's module gets the same (frozen) adapter."""
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self._load = load
+        self._adapter: Any = None
+
+    def __call__(self) -> Any:
+        if self._adapter is None:
+            self._adapter = self._load()
+        return self._adapter
+
+
+def _plain(namespace: Any) -> dict[str, Any]:
+    return namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace)
+
+
+class Comparison:
+    """Runs the methods of one parsed steering config (see the module docstring)."""
+
+    def __init__(self, reader: ConfigReader, adapter_factory: Callable[[], Any] | None = None) -> None:
+        self.reader = reader
+        self.config = reader.config
+        self.settings = _plain(self.config.compare)
+        self.model_args = _plain(self.config.model)
+        self.model_args.pop("adapter_factory", None)
+        self.data_args = _plain(self.config.data)
+        if self.settings.get("test_split_file") is None:
+            raise ValueError("compare.test_split_file is required: the methods are compared on the test split (§5)")
+        self.output_dir = Path(self.settings["output_dir"])
+        self.adapter = SharedAdapter(adapter_factory or self._load_adapter)
+        self.seed = self.config.get("seed_everything")
+
+    # -- building blocks ------------------------------------------------------------------
+    def _load_adapter(self) -> Any:
+        from hones.models import load_adapter
+
+        args = self.model_args
+        return load_adapter(args["model"], dtype=args["dtype"], trust_remote_code=args["trust_remote_code"])
+
+    def module(self, method: SteeringMethod, **overrides: Any) -> SteeringModule:
+        """The config's SteeringModule with the method's (and the caller's) overrides, on the shared model."""
+        return SteeringModule(**{**self.model_args, **method.overrides, **overrides}, adapter_factory=self.adapter)
+
+    def datamodule(self, **overrides: Any) -> HonesDataModule:
+        """The config's in-distribution datamodule with overrides (split, split file, training, limit)."""
+        return HonesDataModule(**{**self.data_args, **overrides})
+
+    def ood_datamodule(self) -> HonesDataModule | None:
+        """The task's OOD set (``compare.ood``), batched like the in-distribution data."""
+        if not self.settings.get("ood"):
+            return None
+        shared = {key: self.data_args[key] for key in _SHARED_DATA_KEYS if key in self.data_args}
+        task = self.model_args["task"]
+        return HonesDataModule(**{**shared, "task": task, "split": "test", "training": False, **self.settings["ood"]})
+
+    def trainer(self, name: str, fit: bool = False) -> L.Trainer:
+        """A fresh trainer from the config (its own TensorBoard version, no checkpoints)."""
+        init = self.reader.parser.instantiate_classes(self.config)
+        kwargs = dict(init["trainer"])
+        kwargs["logger"] = TensorBoardLogger(
+            save_dir=str(self.output_dir), name="tb", version=name, default_hp_metric=False
+        )
+        kwargs["enable_checkpointing"] = False  # the scales are exported instead
+        callbacks = kwargs.get("callbacks") or []
+        kwargs["callbacks"] = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        if fit:  # §5 trains a fixed schedule; evaluation follows the fit
+            kwargs["limit_val_batches"] = 0
+            kwargs["num_sanity_val_steps"] = 0
+        return L.Trainer(**kwargs)
+
+    def _seed(self) -> None:
+        if isinstance(self.seed, int) and not isinstance(self.seed, bool):
+            L.seed_everything(self.seed, workers=True, verbose=False)
+
+    # -- the run ---------------------------------------------------------------------------
+    def grid_search(self, method: SteeringMethod, dev: HonesDataModule) -> tuple[float, dict[float, float]]:
+        """Evaluate every uniform factor on dev; the best (ties: closest to 1) and all scores."""
+        scores: dict[float, float] = {}
+        for factor in method.grid:
+            candidate = self.module(method, init_scale=factor_to_scale(factor))
+            self.trainer(f"{method.name}_x{factor}").validate(candidate, datamodule=dev, verbose=False)
+            scores[factor] = candidate.results["metric"]
+        best = max(method.grid, key=lambda f: (scores[f], -abs(f - 1.0)))
+        return best, scores
+
+    def run(self) -> dict[str, Any]:
+        settings = self.settings
+        dev_split = settings.get("dev_split_file") or self.data_args.get("split_file")
+        dev_limit = settings.get("dev_limit") or self.data_args.get("limit")
+        dev_train = self.datamodule(split="dev", split_file=dev_split, training=True)
+        dev_eval = self.datamodule(split="dev", split_file=dev_split, training=False, limit=dev_limit)
+        test = self.datamodule(
+            split="test", split_file=settings["test_split_file"], training=False, limit=settings.get("test_limit")
+        )
+        ood = self.ood_datamodule()
+
+        rows = []
+        is_zero = True
+        for name in settings["methods"]:
+            method = get_method(name)
+            row: dict[str, Any] = {"method": name, "label": method.label, "trained": method.train}
+            overrides: dict[str, Any] = {}
+            if method.grid:
+                best, scores = self.grid_search(method, dev_eval)
+                overrides["init_scale"] = factor_to_scale(best)
+                row.update(factor=best, dev={str(f): v for f, v in scores.items()})
+            module = self.module(method, output_dir=str(self.output_dir / name), **overrides)
+            if method.train:
+                self._seed()
+                trainer = self.trainer(name, fit=True)
+                trainer.fit(module, datamodule=dev_train)
+                row["scales"] = {kind: str(path) for kind, path in module.exported.items()}
+            evaluator = self.trainer(name)
+            module.eval_tag = "test"
+            evaluator.test(module, datamodule=test, verbose=False)
+            row["test"] = module.results["metric"]
+            row["metric_name"] = module.results["metric_name"]
+            if ood is not None:
+                module.eval_tag = "ood"
+                evaluator.test(module, datamodule=ood, verbose=False)
+                row["ood"] = module.results["metric"]
+            is_zero = evaluator.is_global_zero
+            rows.append(row)
+
+        summary = {
+            "task": self.model_args["task"],
+            "model": self.model_args["model"],
+            "metric": rows[0]["metric_name"] if rows else None,
+            "metric_mode": self.model_args["metric_mode"],
+            "test_split_file": settings["test_split_file"],
+            "ood_dataset": (settings.get("ood") or {}).get("dataset"),
+            "methods": rows,
+        }
+        if is_zero:
+            io.write_json(self.output_dir / "summary.json", summary)
+            io.write_text(self.output_dir / "summary.md", summary_markdown(summary))
+        return summary
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The comparison as a markdown table (one row per method)."""
+    metric = summary.get("metric") or "metric"
+    ood = summary.get("ood_dataset")
+    header = ["Method", f"test {metric}"] + ([f"OOD {ood} {metric}"] if ood else []) + ["notes"]
+    table = []
+    for row in summary["methods"]:
+        notes = []
+        if "factor" in row:
+            notes.append(f"factor x{row['factor']} chosen on dev")
+        if row.get("trained"):
+            notes.append("trained on dev")
+        cells = [row["label"], float(row["test"])] + ([float(row["ood"])] if ood else []) + ["; ".join(notes)]
+        table.append(cells)
+    title = f"# Steering comparison (HONES_METHOD §5): {summary['task']} on {summary['model']}\n\n"
+    return title + io.markdown_table(header, table)
+
+
+def run_comparison(args: list[str], adapter_factory: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Parse a steering config (``["--config", path, overrides...]``) and run the comparison."""
+    return Comparison(read_config(args), adapter_factory).run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_comparison(sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    from hones.attribution.bank import BankError
+
+    try:
+        main()
+    except BankError as error:
+        sys.exit(f"hones.steering.compare: {error}")

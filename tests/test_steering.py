@@ -1,0 +1,449 @@
+"""Steering (HONES_METHOD §5): objective, scaler wiring, export/import, bank checks, training.
+
+The session's tiny adapters (tests/conftest.py) are shared with other test files, so every
+test that freezes weights or registers hooks restores the model afterwards (``steerable``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from hones.attribution.bank import BankEntry, BankError, write_bank
+from hones.interventions import NeuronScaler, scale_neurons
+from hones.models import VLMAdapter, build_tiny_llava, wrap_model
+from hones.steering.callback import NeuronSteeringCallback
+from hones.steering.methods import GRID_FACTORS, METHODS, factor_to_scale
+from hones.steering.module import SteeringModule, cosine_decay_factor
+from hones.steering.objective import steering_objective, target_kl, target_logits
+from hones.steering.protocol import freeze_parameters, resolve_adapter
+from hones.steering.scales import apply_scales, load_scales, save_scales, scale_statistics, scales_to_rows
+from hones.steering.selection import random_neurons_like
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "steering"
+PROMPT = "Question: what colour is the shape?\nAnswer the question with a short phrase."
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+def _down_proj_hooks(adapter: VLMAdapter) -> int:
+    return sum(len(adapter.mlp(l).down_proj._forward_pre_hooks) for l in range(adapter.num_layers))
+
+
+@pytest.fixture
+def steerable(adapter: VLMAdapter) -> Iterator[VLMAdapter]:
+    """The parametrised tiny adapter, restored (requires_grad, grads, hooks) after the test."""
+    flags = {name: p.requires_grad for name, p in adapter.model.named_parameters()}
+    hooks = _down_proj_hooks(adapter)
+    yield adapter
+    for name, parameter in adapter.model.named_parameters():
+        parameter.requires_grad_(flags[name])
+        parameter.grad = None
+    adapter.model.eval()
+    assert _down_proj_hooks(adapter) == hooks, "a steering hook was left on the shared model"
+
+
+@pytest.fixture
+def llava(tiny_llava: VLMAdapter) -> Iterator[VLMAdapter]:
+    """The tiny LLaVA, restored after the test (for the Trainer tests, one architecture is enough)."""
+    flags = {name: p.requires_grad for name, p in tiny_llava.model.named_parameters()}
+    yield tiny_llava
+    for name, parameter in tiny_llava.model.named_parameters():
+        parameter.requires_grad_(flags[name])
+        parameter.grad = None
+    tiny_llava.model.eval()
+    assert _down_proj_hooks(tiny_llava) == 0
+
+
+def toy_batch(adapter: VLMAdapter, make_image: Callable[..., Image.Image], n: int = 4) -> dict[str, Any]:
+    images = [make_image(seed) for seed in range(n)]
+    targets = ["red", "a blue square", "two", "green circle"][:n]
+    return adapter.encode(images, [PROMPT] * n, targets)
+
+
+def selection(adapter: VLMAdapter, per_layer: int = 16) -> dict[int, torch.Tensor]:
+    step = adapter.ffn_width // per_layer
+    return {layer: torch.arange(0, step * per_layer, step) for layer in range(adapter.num_layers)}
+
+
+def write_selection(path: Path, neurons: dict[int, torch.Tensor]) -> Path:
+    entries = [BankEntry(l, int(n), 1.0, 0) for l, ids in neurons.items() for n in ids]
+    return write_bank(path, [BankEntry(e.layer, e.neuron, e.score, k) for k, e in enumerate(entries)])
+
+
+def trainer(**kwargs: Any) -> L.Trainer:
+    options: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+def loader(batch: dict[str, Any], repeats: int) -> DataLoader:
+    return DataLoader([batch] * repeats, batch_size=None, collate_fn=lambda b: b)
+
+
+# -- objective and wiring ---------------------------------------------------------------------
+def test_only_scales_get_gradients(steerable: VLMAdapter, make_image: Callable[..., Image.Image]) -> None:
+    batch = toy_batch(steerable, make_image)
+    freeze_parameters(steerable.model)
+    scaler = NeuronScaler(selection(steerable))
+    with scale_neurons(steerable, scaler):
+        loss = steering_objective(steerable, scaler, batch)
+        loss.total.backward()
+    assert all(not p.requires_grad and p.grad is None for p in steerable.model.parameters())
+    assert scaler.s.grad is not None and scaler.s.grad.shape == scaler.s.shape
+    assert float(scaler.s.grad.abs().sum()) > 0
+
+
+def test_teacher_is_the_same_model_without_scaling(steerable: VLMAdapter, make_image: Callable[..., Image.Image]) -> None:
+    batch = toy_batch(steerable, make_image)
+    freeze_parameters(steerable.model)
+    base, labels = target_logits(steerable, batch)
+    scaler = NeuronScaler(selection(steerable))
+    optimizer = torch.optim.AdamW([scaler.s], lr=0.5)
+    with scale_neurons(steerable, scaler):
+        first = steering_objective(steerable, scaler, batch)
+        assert first.parts()["kl"] == 0.0  # s = 0: the scaled model is the original one
+        first.total.backward()
+        optimizer.step()
+        second = steering_objective(steerable, scaler, batch)
+        assert second.parts()["kl"] > 0.0
+        with torch.no_grad(), scaler.disabled():
+            teacher, _ = target_logits(steerable, batch)
+    assert torch.equal(teacher, base)  # scaling off = the unsteered model, no second copy
+    assert float(target_kl(base, base, labels)) == 0.0
+
+
+def test_zero_scales_equal_base_logits(steerable: VLMAdapter, make_image: Callable[..., Image.Image]) -> None:
+    batch = toy_batch(steerable, make_image)
+    with torch.no_grad():
+        base = steerable.forward(batch)
+        with scale_neurons(steerable, NeuronScaler(selection(steerable))):
+            steered = steerable.forward(batch)
+    assert torch.equal(steered, base)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".safetensors"])
+def test_export_import_round_trip(
+    steerable: VLMAdapter, make_image: Callable[..., Image.Image], tmp_path: Path, suffix: str
+) -> None:
+    batch = toy_batch(steerable, make_image, n=2)
+    scaler = NeuronScaler(selection(steerable))
+    with torch.no_grad():
+        scaler.s.copy_(torch.linspace(-1.5, 1.5, scaler.num_neurons))
+        with scale_neurons(steerable, scaler):
+            expected = steerable.forward(batch)
+    path = save_scales(scaler, tmp_path / f"scales{suffix}")
+    loaded = load_scales(path, steerable.num_layers, steerable.ffn_width)
+    assert torch.equal(loaded.s, scaler.s.detach()) and loaded.layers == scaler.layers
+    with torch.no_grad(), apply_scales(steerable, path):
+        actual = steerable.forward(batch)
+    assert torch.equal(actual, expected)
+    row = scales_to_rows(scaler)[0]
+    assert set(row) == {"layer", "neuron", "scale", "factor"} and row["factor"] == pytest.approx(1 + row["scale"])
+
+
+def test_scales_load_exactly_under_a_bf16_default_dtype(tmp_path: Path) -> None:
+    scaler = NeuronScaler({1: torch.tensor([4, 2]), 3: torch.tensor([0])})
+    with torch.no_grad():
+        scaler.s.copy_(torch.tensor([0.123456, -1.000123, 0.000321]))
+    for suffix in (".json", ".safetensors"):
+        path = save_scales(scaler, tmp_path / f"scales{suffix}")
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # as inside configure_model under precision="bf16-true"
+        try:
+            loaded = load_scales(path)
+        finally:
+            torch.set_default_dtype(previous)
+        assert loaded.s.dtype == torch.float32 and torch.equal(loaded.s, scaler.s.detach())
+
+
+def test_scale_statistics() -> None:
+    stats = scale_statistics(torch.tensor([0.0, 0.5, -1.0, 0.0]))
+    assert stats == {"scale_abs_mean": 0.375, "scale_abs_max": 1.0, "scale_nonzero_frac": 0.5}
+
+
+# -- bank validation --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([BankEntry(9, 3, 1.0, 0)], r"bad\.json: layer 9 out of range \[0, 4\) \(neuron 3\)"),
+        ([BankEntry(1, 5000, 1.0, 0)], r"bad\.json: neuron 5000 of layer 1 out of range \[0, 352\)"),
+    ],
+)
+def test_bank_out_of_range_stops_before_training(
+    llava: VLMAdapter, tmp_path: Path, entries: list[BankEntry], message: str
+) -> None:
+    path = write_bank(tmp_path / "bad.json", entries)
+    module = SteeringModule(model="tiny", task="vqa", bank=str(path), adapter_factory=lambda: llava)
+    with pytest.raises(BankError, match=message):
+        module.configure_model()
+    callback = NeuronSteeringCallback(str(path))
+    host = SteeringModule(model="tiny", task="vqa", steer=False, adapter_factory=lambda: llava)
+    with pytest.raises(BankError, match=message):
+        callback.setup(trainer(), host, "fit")
+    assert getattr(host, "neuron_scaler", None) is None  # nothing attached on failure
+
+
+def test_empty_bank_is_rejected_at_construction(tmp_path: Path) -> None:
+    path = tmp_path / "empty.json"
+    path.write_text("[]")
+    with pytest.raises(BankError, match=r"empty\.json: empty neuron bank"):
+        SteeringModule(model="tiny", task="vqa", bank=str(path))
+    with pytest.raises(BankError, match=r"empty\.json: empty neuron bank"):
+        NeuronSteeringCallback(str(path))
+
+
+# -- training with Lightning -----------------------------------------------------------------
+def test_fit_lowers_ce_clamps_and_exports(
+    llava: VLMAdapter, make_image: Callable[..., Image.Image], tmp_path: Path
+) -> None:
+    batch = toy_batch(llava, make_image)
+    bank = write_selection(tmp_path / "bank.json", selection(llava, per_layer=32))
+    # the random tiny model is close to uniform: a large lr makes 8 steps' effect visible
+    module = SteeringModule(
+        model="tiny", task="vqa", bank=str(bank), lr=0.3, output_dir=str(tmp_path / "out"), adapter_factory=lambda: llava
+    )
+    module.configure_model()
+    with torch.no_grad(), module.steering():
+        before = steering_objective(llava, module.scaler, batch).parts()["ce"]
+
+    probe = MaxScaleProbe()
+    trainer(max_steps=8, accumulate_grad_batches=2, gradient_clip_val=1.0, callbacks=[probe]).fit(
+        module, train_dataloaders=loader(batch, 16)
+    )
+    with torch.no_grad(), module.steering():
+        after = steering_objective(llava, module.scaler, batch).parts()["ce"]
+    assert after < before - 0.05
+    assert all(p.grad is None for p in llava.model.parameters())
+    assert len(probe.seen) == 16 and max(probe.seen) <= module.hparams.scale_bound  # 8 steps x accumulation 2
+    assert set(module.exported) == {"json", "safetensors"}
+    assert torch.equal(load_scales(module.exported["json"]).s, module.scaler.s.detach())
+
+
+class MaxScaleProbe(L.Callback):
+    """Records max |s| of ``pl_module.<attribute>`` after every training batch."""
+
+    def __init__(self, attribute: str = "scaler") -> None:
+        self.attribute = attribute
+        self.seen: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        self.seen.append(float(getattr(pl_module, self.attribute).s.abs().max()))
+
+
+def test_clamp_after_each_optimizer_step(llava: VLMAdapter, make_image: Callable[..., Image.Image], tmp_path: Path) -> None:
+    batch = toy_batch(llava, make_image, n=2)
+    bank = write_selection(tmp_path / "bank.json", selection(llava, per_layer=4))
+    # lr 10: one AdamW step moves every s by ~10, far outside [-1.5, 1.5]
+    module = SteeringModule(model="tiny", task="vqa", bank=str(bank), lr=10.0, min_lr_ratio=1.0, adapter_factory=lambda: llava)
+    probe = MaxScaleProbe()
+    trainer(max_steps=3, gradient_clip_val=None, callbacks=[probe]).fit(module, train_dataloaders=loader(batch, 3))
+    assert probe.seen == pytest.approx([1.5, 1.5, 1.5])
+
+
+def test_scales_stay_float32_when_the_model_is_cast(tmp_path: Path) -> None:
+    model, processor = build_tiny_llava(seed=1, num_layers=2)
+    adapter = wrap_model(model, processor)  # a private copy: the cast below must not touch the shared one
+    bank = write_selection(tmp_path / "bank.json", {0: torch.tensor([1, 2]), 1: torch.tensor([3])})
+    module = SteeringModule(model="tiny", task="vqa", bank=str(bank), adapter_factory=lambda: adapter)
+    module.configure_model()
+    module.to(torch.bfloat16)  # what precision="bf16-true" does
+    assert adapter.model.dtype == torch.bfloat16 and module.scaler.s.dtype == torch.float32
+
+
+# -- the callback on a module of our own ------------------------------------------------------
+class TinyTeacherForcing(L.LightningModule):
+    """A user module: it owns a VLMAdapter and trains whatever requires grad on the §5 loss."""
+
+    def __init__(self, adapter: VLMAdapter) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.vlm = adapter.model
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        return steering_objective(self.adapter, self.neuron_scaler, batch).outputs()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=0.5)
+
+
+def test_callback_steers_a_custom_module(llava: VLMAdapter, make_image: Callable[..., Image.Image], tmp_path: Path) -> None:
+    batch = toy_batch(llava, make_image, n=2)
+    with torch.no_grad():
+        base = llava.forward(batch)
+    weights = {name: p.detach().clone() for name, p in llava.model.named_parameters()}
+    module = TinyTeacherForcing(llava)
+    callback = NeuronSteeringCallback(selection(llava, per_layer=8), export_dir=tmp_path / "scales")
+    probe = MaxScaleProbe("neuron_scaler")
+    run = trainer(max_steps=4, callbacks=[callback, probe], log_every_n_steps=1)
+    run.fit(module, train_dataloaders=loader(batch, 4))
+
+    assert module.neuron_scaler is callback.scaler
+    assert all(torch.equal(p, weights[name]) for name, p in llava.model.named_parameters())
+    assert max(probe.seen) == pytest.approx(1.5)  # lr 0.5 for 4 steps overshoots; clamped after each step
+    logged = set(run.logged_metrics)
+    assert {"steer/scale_abs_mean", "steer/scale_abs_max", "steer/scale_nonzero_frac", "steer/ce", "steer/kl", "steer/l2"} <= logged
+    assert (tmp_path / "scales" / "scales.json").is_file() and (tmp_path / "scales" / "scales.safetensors").is_file()
+    with torch.no_grad():  # teardown removed the hooks: the model is the base model again
+        assert torch.equal(llava.forward(batch), base)
+    assert all(p.requires_grad for p in llava.model.parameters())  # flags restored
+
+
+def test_adapter_protocol() -> None:
+    class Provider(torch.nn.Module):
+        def get_adapter(self) -> str:
+            return "adapter"
+
+    class Lazy(torch.nn.Module):
+        adapter = None
+
+        def configure_model(self) -> None:
+            self.adapter = "built"
+
+    assert resolve_adapter(Provider()) == "adapter"
+    assert resolve_adapter(Lazy()) == "built"
+    with pytest.raises(AttributeError, match="get_adapter"):
+        resolve_adapter(torch.nn.Linear(2, 2))
+
+
+# -- methods, schedule and configs ------------------------------------------------------------
+def test_methods_and_schedule() -> None:
+    assert list(METHODS) == ["base", "fixed_amp", "grid_search", "rand_neuron", "hones_no_kl", "hones"]
+    assert METHODS["fixed_amp"].overrides == {"init_scale": 1.0}  # x2.0
+    assert METHODS["hones_no_kl"].overrides == {"beta": 0.0} and METHODS["hones"].train
+    assert [factor_to_scale(f) for f in GRID_FACTORS] == [-0.5, -0.25, 0.0, 0.25, 0.5, 1.0]
+    assert cosine_decay_factor(0, 10) == 1.0 and cosine_decay_factor(10, 10) == pytest.approx(0.1)
+    assert cosine_decay_factor(5, 10) == pytest.approx(0.55)
+
+
+def test_random_neurons_keep_per_layer_counts() -> None:
+    neurons = {0: torch.tensor([1, 2, 3]), 2: torch.tensor([7])}
+    drawn = random_neurons_like(neurons, ffn_width=64, seed=3)
+    assert {l: len(ids) for l, ids in drawn.items()} == {0: 3, 2: 1}
+    again = random_neurons_like(neurons, ffn_width=64, seed=3)
+    assert all(torch.equal(drawn[l], again[l]) for l in drawn)
+
+
+def test_shipped_configs_parse_with_paper_defaults() -> None:
+    from hones.steering.cli import read_config
+
+    paths = sorted(CONFIG_DIR.glob("*.yaml"))
+    assert len(paths) == 16
+    ood = {"vqa": "gqa", "ocr": "textvqa", "caption": "flickr30k", "retrieval": "flickr30k"}
+    parser = read_config(["--config", str(paths[0])]).parser  # building the parser is the slow part
+    for path in paths:
+        config = parser.parse_args(["--config", str(path)])
+        model, trainer_config = config.model, config.trainer
+        assert config.data.task == model.task, path.name
+        assert (model.beta, model.l2_weight, model.lr, model.min_lr_ratio, model.scale_bound) == (0.05, 1e-5, 5e-4, 0.1, 1.5)
+        assert (trainer_config.max_epochs, trainer_config.accumulate_grad_batches, trainer_config.gradient_clip_val) == (2, 4, 1.0)
+        assert trainer_config.logger.init_args.default_hp_metric is False
+        assert config.compare.ood["dataset"] == ood[model.task]
+        if not path.name.startswith("toy_"):
+            assert (trainer_config.devices, trainer_config.strategy, trainer_config.precision) == (4, "ddp", "bf16-true")
+            assert model.dtype == "bf16"
+
+
+# -- end to end on a tiny toy world (slow) ----------------------------------------------------
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny toy world, a saved tiny LLaVA, its bank and a config derived from the shipped one."""
+    from hones.data.toyworld import ToyWorldConfig, generate_world
+    from hones.models import save_pretrained
+
+    root = tmp_path_factory.mktemp("steering_e2e")
+    generate_world(root / "world", ToyWorldConfig(n_train=4, n_discovery=4, n_dev=4, n_test=4, n_ood=4))
+    model, processor = build_tiny_llava(seed=0)
+    save_pretrained(model, processor, root / "model")
+    adapter = wrap_model(model, processor)
+    bank = write_selection(root / "bank.json", selection(adapter, per_layer=8))
+    text = (CONFIG_DIR / "toy_llava_vqa.yaml").read_text()
+    for old, new in [
+        ("models/toy-llava", str(root / "model")),
+        ("runs/attribution/toy-llava/vqa/bank_hones.json", str(bank)),
+        ("toyworld_data", str(root / "world")),
+        ("runs/steering", str(root / "runs")),
+    ]:
+        text = text.replace(old, new)
+    config = root / "config.yaml"
+    config.write_text(text)
+    return {"root": root, "config": config, "bank": bank}
+
+
+FAST_TRAINER = [
+    "--model.max_new_tokens", "4",
+    "--data.batch_size", "2",
+    "--trainer.max_epochs", "1",
+    "--trainer.accumulate_grad_batches", "1",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_compare_writes_the_method_table(toy_run: dict[str, Path]) -> None:
+    from hones.steering.compare import run_comparison
+
+    model, processor = build_tiny_llava(seed=0)
+    summary = run_comparison(
+        ["--config", str(toy_run["config"]), *FAST_TRAINER], adapter_factory=lambda: wrap_model(model, processor)
+    )
+    out = toy_run["root"] / "runs" / "toy-llava" / "vqa" / "compare"
+    assert [row["label"] for row in summary["methods"]] == [m.label for m in METHODS.values()]
+    assert summary["ood_dataset"] == "gqa" and summary["metric"] == "vqa_accuracy/paper"
+    assert all(math.isfinite(row["test"]) and math.isfinite(row["ood"]) for row in summary["methods"])
+    assert summary["methods"][2]["factor"] in GRID_FACTORS
+    assert (out / "summary.json").is_file() and "| HONES w/o KL |" in (out / "summary.md").read_text()
+    for name in ("rand_neuron", "hones_no_kl", "hones"):
+        assert (out / name / "scales.safetensors").is_file()
+    rand = load_scales(out / "rand_neuron" / "scales.json")
+    hones = load_scales(out / "hones" / "scales.json")
+    assert {l: len(v) for l, v in rand.neurons.items()} == {l: len(v) for l, v in hones.neurons.items()}
+    assert any(not torch.equal(rand.indices(l), hones.indices(l)) for l in hones.layers)
+
+
+@pytest.mark.slow
+def test_train_py_fit_test_and_bank_error(toy_run: dict[str, Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    config = str(toy_run["config"])
+
+    def train(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, str(repo / "train.py"), *args]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    fitted = train("fit", "--config", config, *FAST_TRAINER)
+    assert fitted.returncode == 0, fitted.stderr[-2000:]
+    run_dir = toy_run["root"] / "runs" / "toy-llava" / "vqa"
+    assert (run_dir / "scales.json").is_file() and (run_dir / "metrics_val.json").is_file()
+    tested = train(
+        "test", "--config", config, *FAST_TRAINER,
+        "--model.scales", str(run_dir / "scales.safetensors"),
+        "--data.split", "test", "--data.split_file", str(toy_run["root"] / "world/splits/test.json"),
+        "--data.training", "false",
+    )  # fmt: skip
+    assert tested.returncode == 0, tested.stderr[-2000:]
+    assert "test/vqa/vqa_accuracy/paper" in tested.stdout
+
+    bad = write_bank(tmp_path / "bad_bank.json", [BankEntry(9, 3, 1.0, 0)])
+    failed = train("fit", "--config", config, *FAST_TRAINER, "--model.bank", str(bad))
+    assert failed.returncode != 0
+    assert failed.stderr.strip().splitlines()[-1] == f"train.py: {bad}: layer 9 out of range [0, 4) (neuron 3)"

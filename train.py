@@ -1,0 +1,44 @@
+"""HONES steering (HONES_METHOD §5): learn a sparse scale per selected FFN neuron.
+
+    python train.py fit      --config configs/steering/toy_llava_vqa.yaml
+    python train.py validate --config configs/steering/toy_llava_vqa.yaml --model.scales runs/.../scales.safetensors
+    python train.py test     --config configs/steering/toy_llava_vqa.yaml --model.scales runs/.../scales.safetensors \
+                             --data.split test --data.split_file toyworld_data/splits/test.json --data.training false
+    python train.py compare  --config configs/steering/toy_llava_vqa.yaml   # all §5 methods, test + OOD table
+
+``fit`` / ``validate`` / ``test`` are LightningCLI subcommands over ``SteeringModule`` +
+``HonesDataModule`` (``python train.py fit --help`` lists every option). ``compare`` is
+``python -m hones.steering.compare`` (see that module). A neuron bank or scales file that
+does not fit the model stops the run with one line naming the file and the entry.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from hones.attribution.bank import BankError
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one command; ``argv`` defaults to the command line."""
+    args = sys.argv[1:] if argv is None else argv
+    # The frozen VLM stays in eval mode on purpose (no dropout in teacher or student).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    try:
+        if args and args[0] == "compare":
+            from hones.steering.compare import main as compare_main
+
+            compare_main(args[1:])
+            return
+        from hones.data.datamodule import HonesDataModule
+        from hones.steering.cli import SteeringCLI
+        from hones.steering.module import SteeringModule
+
+        SteeringCLI(SteeringModule, HonesDataModule, args=argv)
+    except BankError as error:
+        sys.exit(f"train.py: {error}")
+
+
+if __name__ == "__main__":
+    main()
