@@ -7,6 +7,11 @@ on 1..N devices. Metrics are torchmetrics objects in both modes ("paper" and
 unrepeated distributed sampler (see ``HonesDataModule``), so no padding duplicate is
 ever counted and a 2-process run gives the metric of a 1-process run.
 
+No collective runs inside a step (ranks may run unequal batch counts): the metrics
+synchronise in ``compute`` and the per-item rows are gathered once, at epoch end.
+``output_dir`` may name ``{task}``, ``{dataset}`` and ``{split}`` (filled from the task
+and the datamodule), so one config serves every task (``evaluate.py``).
+
 Hooks implemented: ``configure_model`` (loads the adapter inside each process),
 ``setup`` (hands the adapter's encoder to the datamodule), ``on_*_epoch_start``
 (reset metrics), ``*_step``, ``on_*_epoch_end`` (compute, log, write artifacts).
@@ -43,6 +48,18 @@ def gather_objects(local: list[Any]) -> list[Any]:
     gathered: list[list[Any] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
     return [row for part in gathered for row in (part or [])]
+
+
+def _check_local_model(model: str) -> None:
+    """A clear error for a missing local model directory (rather than a failed hub lookup)."""
+    path = Path(model)
+    local = path.is_absolute() or (bool(path.parts) and path.parts[0] in (".", "..", "models"))
+    if local and not path.is_dir():
+        raise FileNotFoundError(
+            f"{model}: no such model directory. The toy models are built with "
+            "`python -m hones.training.toy_models fit --config configs/toy/pretrain/<llava|qwen2_5_vl>.yaml`; "
+            "or pass --model.model <directory or hub id>"
+        )
 
 
 class TaskScorer:
@@ -97,7 +114,8 @@ class EvalModule(L.LightningModule):
             both modes are always computed and logged, each under its own name.
         dtype: fp32 | bf16 | fp16.
         max_new_tokens: greedy generation budget (HONES_METHOD §1 default 24).
-        output_dir: where ``metrics_{stage}.json`` and ``predictions_{stage}.jsonl`` go.
+        output_dir: where ``metrics_{stage}.json`` and ``predictions_{stage}.jsonl`` go
+            (``{task}``, ``{dataset}``, ``{split}`` are filled in; see ``run_dir``).
         adapter_factory: optional callable returning a ready adapter (tests, notebooks).
     """
 
@@ -132,10 +150,13 @@ class EvalModule(L.LightningModule):
         else:
             from hones.models import load_adapter
 
+            _check_local_model(self.hparams.model)
+            # the process's own device (cuda:<local rank> under DDP), not the module's current one
+            device = self.trainer.strategy.root_device if self._trainer is not None else self.device
             self.adapter = load_adapter(
                 self.hparams.model,
                 dtype=self.hparams.dtype,
-                device=str(self.device),
+                device=str(device),
                 trust_remote_code=self.hparams.trust_remote_code,
             )
         self.adapter.model.eval()
@@ -146,6 +167,15 @@ class EvalModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "set_encoder"):
             datamodule.set_encoder(self.adapter.encode)
+
+    def run_dir(self) -> Path | None:
+        """``output_dir`` with ``{task}``, ``{dataset}`` and ``{split}`` filled in (None without one)."""
+        if not self.hparams.output_dir:
+            return None
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data = getattr(datamodule, "hparams", {}) or {}
+        fields = {"task": self.hparams.task, "dataset": data.get("dataset", "data"), "split": data.get("split", "eval")}
+        return Path(str(self.hparams.output_dir).format(**fields))
 
     # -- loop ------------------------------------------------------------------
     def _start(self) -> None:
@@ -176,8 +206,8 @@ class EvalModule(L.LightningModule):
             "num_items": len(rows),
             "world_size": self.trainer.world_size if self._trainer is not None else 1,
         }
-        if self.hparams.output_dir and self.global_rank == 0:
-            out = Path(self.hparams.output_dir)
+        out = self.run_dir()
+        if out is not None and self.global_rank == 0:
             io.write_json(out / f"metrics_{stage}.json", self.results)
             io.write_jsonl(out / f"predictions_{stage}.jsonl", rows)
 

@@ -4,6 +4,16 @@ The batches are encoded by the model adapter (docs/INTERFACES.md ``encode(images
 targets=None)``), which the module receives through :meth:`HonesDataModule.set_encoder`.
 A batch is the encoder's dict of tensors plus ``"items"``: the batch's TaskItems (with
 their images loaded), for metrics, groups and labels.
+
+Distributed evaluation: when ``torch.distributed`` is initialised with more than one
+process, the validation / test / predict loaders shard the items with Lightning's
+``UnrepeatedDistributedSampler`` (rank r gets items r, r + W, r + 2W, ...). Unlike the
+default ``DistributedSampler`` it never pads with duplicates, so every item is counted
+exactly once and ranks may run one batch more or less than each other; metrics must
+therefore synchronise once at epoch end (torchmetrics ``compute``), never inside a step.
+Lightning keeps a sampler that is already a ``DistributedSampler``, so this works with
+``Trainer(use_distributed_sampler=True)`` (the default) as well as ``False`` (what the
+evaluation configs set, docs/distributed.md). Training keeps Lightning's shuffling sampler.
 """
 
 from __future__ import annotations
@@ -13,14 +23,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hones.data.errors import SkipReport
 from hones.data.formats import DATASETS, load_records
 from hones.data.records import SourceRecord, TaskItem, load_image
 from hones.data.tasks import N_NEGATIVES, TASKS, TRAIN_NEGATIVES, build_task_items
+from hones.data.toyworld import ToyWorldConfig, ensure_world
 
 Encoder = Callable[..., dict[str, torch.Tensor]]
 
@@ -63,6 +76,31 @@ class TaskItemDataset(Dataset[TaskItem]):
         )
 
 
+def distributed_world() -> tuple[int, int]:
+    """``(world_size, rank)`` of the initialised default process group; ``(1, 0)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def evaluation_sampler(dataset: Dataset[Any]) -> Sampler[int] | None:
+    """The sampler of an evaluation loader: unrepeated sharding across processes, else None (in order).
+
+    Raises ``ValueError`` when there are fewer items than processes: a process without a
+    batch would skip the epoch-end synchronisation and leave the others waiting.
+    """
+    world_size, rank = distributed_world()
+    if world_size == 1:
+        return None
+    size = len(dataset)  # type: ignore[arg-type]
+    if size < world_size:
+        raise ValueError(
+            f"{size} evaluation item(s) for {world_size} processes: every process needs at least one item "
+            "(use fewer processes or more items)"
+        )
+    return UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+
+
 class TaskCollate:
     """Collate TaskItems with ``encoder(images, prompts, targets=None)``; adds ``"items"``."""
 
@@ -82,9 +120,11 @@ class TaskCollate:
 class HonesDataModule(LightningDataModule):
     """One (dataset, task, split) of HONES as TaskItem batches.
 
-    Hooks: ``setup`` (load + validate annotations, build the task view),
+    Hooks: ``prepare_data`` (generate the toy world when ``toy_world`` is set),
+    ``setup`` (load + validate annotations, build the task view),
     ``train_dataloader`` (shuffled, seeded), ``val_dataloader`` / ``test_dataloader`` /
-    ``predict_dataloader`` (in order).
+    ``predict_dataloader`` (in order; without duplicates across processes, see the module
+    docstring).
 
     Args:
         dataset: "coco_unified" | "gqa" | "textvqa" | "flickr30k".
@@ -99,6 +139,9 @@ class HonesDataModule(LightningDataModule):
         with_targets: pass targets to the encoder (labels for teacher forcing); default
             ``training``.
         lenient: skip and count bad items instead of raising (see ``skips``).
+        toy_world: generate the toy world on first use (``prepare_data``): ``{"dir": folder}``
+            plus any ``hones.data.toyworld.ToyWorldConfig`` field (seed, n_test, ...); the
+            annotation paths should then point inside that folder. None: data must exist.
     """
 
     def __init__(
@@ -121,6 +164,7 @@ class HonesDataModule(LightningDataModule):
         verify_images: bool = False,
         source_split: str | None = None,
         cache_dir: str | None = None,
+        toy_world: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -129,6 +173,8 @@ class HonesDataModule(LightningDataModule):
             raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
         if source_split is not None and dataset != "flickr30k":
             raise ValueError("source_split applies to flickr30k only")
+        if toy_world is not None and "dir" not in toy_world:
+            raise ValueError("toy_world needs a 'dir' entry (the toy world folder), e.g. {dir: toyworld_data}")
         self.save_hyperparameters()
         self.training = split == "train" if training is None else training
         self.with_targets = self.training if with_targets is None else with_targets
@@ -140,6 +186,13 @@ class HonesDataModule(LightningDataModule):
     def set_encoder(self, encoder: Encoder) -> None:
         """Give the batch encoder (the model adapter's ``encode``)."""
         self._encoder = encoder
+
+    def prepare_data(self) -> None:
+        """Generate the toy world when ``toy_world`` asks for it and it is absent (one process per node)."""
+        if self.hparams.toy_world is None:
+            return
+        settings = dict(self.hparams.toy_world)
+        ensure_world(settings.pop("dir"), ToyWorldConfig(**settings))
 
     def _loader_options(self) -> dict[str, Any]:
         hp = self.hparams
@@ -189,12 +242,17 @@ class HonesDataModule(LightningDataModule):
         return TaskCollate(self._encoder, self.with_targets)
 
     def _loader(self, shuffle: bool) -> DataLoader[TaskItem]:
+        """Training (``shuffle``): seeded shuffling, sharded by Lightning. Evaluation: in
+        order, sharded without duplicates by :func:`evaluation_sampler` when distributed."""
         hp = self.hparams
+        dataset = self.dataset
         generator = torch.Generator().manual_seed(hp.seed) if shuffle else None
+        sampler = None if shuffle else evaluation_sampler(dataset)
         return DataLoader(
-            self.dataset,
+            dataset,
             batch_size=hp.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=hp.num_workers,
             collate_fn=self.collate(),
             generator=generator,

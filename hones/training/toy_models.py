@@ -47,6 +47,8 @@ class ToyWorldTrainData(L.LightningDataModule):
         batch_size, num_workers, seed: loader settings.
         train_negatives: retrieval negatives ("No") per positive ("Yes") in training.
         dev_limit: dev images used for the validation loss.
+        task_repeats: how many times each task's training items enter an epoch
+            (oversampling, e.g. ``{"ocr": 3}``); tasks not named enter once.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class ToyWorldTrainData(L.LightningDataModule):
         seed: int = 0,
         train_negatives: int = 2,
         dev_limit: int = 64,
+        task_repeats: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -88,8 +91,13 @@ class ToyWorldTrainData(L.LightningDataModule):
             return
         hp = self.hparams
         train = self._records("train")
+        repeats = hp.task_repeats or {}
+        unknown = sorted(set(repeats) - set(hp.tasks))
+        if unknown:
+            raise ValueError(f"data.task_repeats names tasks not trained here: {unknown}; tasks are {list(hp.tasks)}")
         for task in hp.tasks:
-            self.train_items += training_items(train, task, seed=hp.seed, train_negatives=hp.train_negatives)
+            items = training_items(train, task, seed=hp.seed, train_negatives=hp.train_negatives)
+            self.train_items += items * int(repeats.get(task, 1))
         dev = self._records("dev", hp.dev_limit)
         self.dev_sets = [
             TaskItemDataset(build_task_items(dev, task, "dev", training=True, seed=hp.seed, train_negatives=1))
@@ -127,6 +135,8 @@ class ToyVLMModule(L.LightningModule):
         output_dir: where the trained model, tokenizer and processor are saved.
         vocab_size: BPE vocabulary size of the locally trained tokenizer.
         model: keyword arguments of ``build_tiny_llava`` / ``build_tiny_qwen2_5_vl``.
+        init_from: continue from a saved model directory (a second training phase)
+            instead of building a new model; ``vocab_size`` and ``model`` are then unused.
         lr, weight_decay, pct_start: AdamW with a one-cycle schedule.
         seed: weight initialisation seed.
     """
@@ -142,6 +152,7 @@ class ToyVLMModule(L.LightningModule):
         weight_decay: float = 0.01,
         pct_start: float = 0.05,
         seed: int = 0,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
@@ -156,6 +167,14 @@ class ToyVLMModule(L.LightningModule):
         from hones.models import build_tiny_llava, build_tiny_qwen2_5_vl, train_tokenizer, wrap_model
 
         hp = self.hparams
+        if hp.init_from:
+            from hones.models import load_adapter
+
+            self.adapter = load_adapter(hp.init_from)
+            if self.adapter.model.config.model_type != hp.arch:
+                raise ValueError(f"init_from {hp.init_from} holds a {self.adapter.model.config.model_type} model, not {hp.arch}")
+            self.vlm = self.adapter.model
+            return
         tokenizer = train_tokenizer(toy_corpus(hp.world_dir), vocab_size=hp.vocab_size, arch=hp.arch)
         build = build_tiny_llava if hp.arch == "llava" else build_tiny_qwen2_5_vl
         model, processor = build(tokenizer=tokenizer, seed=hp.seed, **(hp.model or {}))
@@ -208,6 +227,7 @@ def save_model_atomically(adapter: Any, output_dir: str | os.PathLike) -> Path:
     out = Path(output_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
     try:
         save_pretrained(adapter.model, adapter.processor, tmp)
         if out.exists():
