@@ -31,6 +31,11 @@ def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write raw bytes (a PNG, say) to ``path`` atomically."""
+    return _atomic_write_bytes(path, data)
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (UTF-8)."""
     return _atomic_write_bytes(path, text.encode("utf-8"))
