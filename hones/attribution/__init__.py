@@ -12,6 +12,11 @@ Lightning callbacks in ``callbacks.py`` only wire them to loops, logging and fil
 - ``bank``: neuron banks, head lists and score matrices on disk.
 - ``callbacks``: ``HeadLocalizationCallback``, ``NeuronAttributionCallback``,
   ``MaskingVerificationCallback``.
+- ``checkpoint``: mid-split checkpoints of the callbacks' accumulators (resume a pass).
+- ``activation_banks``: AP / MA / APE selections at the HONES budget.
+- ``settings``, ``run_state``, ``reports``, ``pipeline``: the ``analyze.py`` run — config
+  schema and stage fingerprints, ``state.json``, masking reports and the cross-task
+  table, and the stages as ``trainer.predict`` passes (docs/attribution.md).
 """
 
 from hones.attribution.bank import (

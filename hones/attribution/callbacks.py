@@ -146,6 +146,9 @@ class _AttributionCallback(Callback):
         self.adapter_factory = adapter_factory
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self._active = False
+        # batches with a smaller index are ignored: reset to 0 at each epoch start, then set
+        # by a resume (``hones.attribution.checkpoint``: their sums were restored instead)
+        self.skip_batches = 0
 
     # subclasses implement these three
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -159,17 +162,26 @@ class _AttributionCallback(Callback):
 
     def _on_start(self, hook: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._active = _HOOK_STAGE[hook] in self.stages and not trainer.sanity_checking
+        self.skip_batches = 0
         if self._active:
             self._start(trainer, pl_module)
 
-    def _on_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
-        if self._active:
+    def _on_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int | None = None) -> None:
+        if self._active and (batch_idx is None or batch_idx >= self.skip_batches):
             self._batch(trainer, pl_module, resolve_adapter(pl_module, self.adapter_factory), batch)
 
     def _on_end(self, hook: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._active:
             self._active = False
             self._end(trainer, pl_module, _HOOK_STAGE[hook])
+
+    def accumulators(self) -> dict[str, torch.nn.Module]:
+        """The running accumulators of the current epoch (name -> module of torchmetrics states).
+
+        Empty before the first batch of a lazily built callback. Used to checkpoint and
+        restore a partly processed split (``hones.attribution.checkpoint``).
+        """
+        return {}
 
     def _path(self, name: str) -> Path | None:
         return None if self.output_dir is None else self.output_dir / name
@@ -179,7 +191,7 @@ class _AttributionCallback(Callback):
         self._on_start("validation", trainer, pl_module)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[no-untyped-def]
-        self._on_batch(trainer, pl_module, batch)
+        self._on_batch(trainer, pl_module, batch, batch_idx)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._on_end("validation", trainer, pl_module)
@@ -188,7 +200,7 @@ class _AttributionCallback(Callback):
         self._on_start("test", trainer, pl_module)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[no-untyped-def]
-        self._on_batch(trainer, pl_module, batch)
+        self._on_batch(trainer, pl_module, batch, batch_idx)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._on_end("test", trainer, pl_module)
@@ -197,7 +209,7 @@ class _AttributionCallback(Callback):
         self._on_start("predict", trainer, pl_module)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[no-untyped-def]
-        self._on_batch(trainer, pl_module, batch)
+        self._on_batch(trainer, pl_module, batch, batch_idx)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._on_end("predict", trainer, pl_module)
@@ -260,6 +272,10 @@ class HeadLocalizationCallback(_AttributionCallback):
         self.task = self._task_arg
         if self.task is not None:  # else built on the first batch, once the task is known
             self._build(resolve_adapter(pl_module, self.adapter_factory), self.task)
+
+    def accumulators(self) -> dict[str, torch.nn.Module]:
+        found = {"localizer": self.localizer, "compare_localizer": self.compare_localizer}
+        return {name: module for name, module in found.items() if module is not None}
 
     def _build(self, adapter: Any, task: str) -> None:
         self.task = task
@@ -398,6 +414,9 @@ class NeuronAttributionCallback(_AttributionCallback):
         if self.task is not None:  # else built on the first batch, once the task is known
             self._build(trainer, resolve_adapter(pl_module, self.adapter_factory), self.task)
 
+    def accumulators(self) -> dict[str, torch.nn.Module]:
+        return {} if self.attributor is None else {"attributor": self.attributor}
+
     def _build(self, trainer: L.Trainer, adapter: Any, task: str) -> None:
         self.task = task
         default_k = DEFAULT_TOP_K.get(getattr(adapter, "model_type", ""), 30)
@@ -516,6 +535,9 @@ class MaskingVerificationCallback(_AttributionCallback):
             else:
                 banks[name] = list(bank)
         return banks
+
+    def accumulators(self) -> dict[str, torch.nn.Module]:
+        return {} if self.metrics is None else {"metrics": self.metrics}
 
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.metrics = None

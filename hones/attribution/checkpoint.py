@@ -1,0 +1,209 @@
+"""Mid-split checkpoints of the attribution accumulators, to resume an interrupted pass.
+
+Every accumulator of the attribution callbacks is a torchmetrics ``Metric`` whose states
+are running sums (tensors; list states for a few metrics). ``save_metric_states`` writes
+the states of every ``Metric`` inside a module to safetensors (no pickle, atomic),
+``load_metric_states`` puts them back. Because the sums are restored exactly and the
+remaining batches are added in the same order, a resumed pass gives bit-identical sums.
+
+``AccumulatorCheckpoint`` wires this to a loop: placed *after* an attribution callback
+in the Trainer's callback list, it
+
+- ``on_*_epoch_start``: if ``<path stem>.rank<r>.safetensors`` exists and was written
+  for the same fingerprint and world size, restores the callback's accumulators from it
+  and sets ``callback.skip_batches`` so that the batches already summed are ignored;
+- ``on_*_batch_end``: every ``every_n_batches`` batches writes this rank's local
+  states (no collective: ranks save independently).
+
+Files are per rank (each rank's sums are local until ``compute`` synchronises them),
+so a resume needs the same world size; otherwise the partial state is discarded with a
+warning and the pass starts over. ``clear()`` removes the files once the stage is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from hones import io
+
+_LAYOUT_KEY = "layout"
+
+
+# -- plain functions ------------------------------------------------------------------------
+def metric_modules(root: nn.Module, prefix: str = "") -> dict[str, Metric]:
+    """Every torchmetrics ``Metric`` inside ``root`` (itself included), by dotted path."""
+    found: dict[str, Metric] = {}
+    for name, module in root.named_modules():
+        if isinstance(module, Metric):
+            found[".".join(part for part in (prefix, name) if part)] = module
+    return found
+
+
+def collect_metric_states(roots: dict[str, nn.Module]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The states of every Metric under ``roots`` as flat tensors plus a JSON layout.
+
+    Returns ``(tensors, layout)``: tensor states under ``"<path>/<state>"``, list states
+    element by element under ``"<path>/<state>/<i>"``; ``layout`` maps each metric path to
+    ``{"update_count": n, "states": {state: "tensor" | number of list elements}}``.
+    """
+    tensors: dict[str, Tensor] = {}
+    layout: dict[str, Any] = {}
+    for root_name, root in roots.items():
+        for path, metric in metric_modules(root, root_name).items():
+            states: dict[str, Any] = {}
+            for state in metric._defaults:  # noqa: SLF001 - torchmetrics' registry of add_state names
+                value = getattr(metric, state)
+                if isinstance(value, Tensor):
+                    tensors[f"{path}/{state}"] = value.detach().cpu().clone()
+                    states[state] = "tensor"
+                elif isinstance(value, list):
+                    for k, element in enumerate(value):
+                        tensors[f"{path}/{state}/{k}"] = torch.as_tensor(element).detach().cpu().clone()
+                    states[state] = len(value)
+                else:
+                    raise TypeError(f"{path}.{state}: cannot checkpoint a {type(value).__name__} metric state")
+            layout[path] = {"update_count": int(metric._update_count), "states": states}  # noqa: SLF001
+    return tensors, layout
+
+
+def restore_metric_states(roots: dict[str, nn.Module], tensors: dict[str, Tensor], layout: dict[str, Any]) -> None:
+    """Inverse of ``collect_metric_states``: the layouts must match metric for metric."""
+    metrics = {path: metric for name, root in roots.items() for path, metric in metric_modules(root, name).items()}
+    if set(metrics) != set(layout):
+        raise ValueError(f"checkpoint holds metrics {sorted(layout)}, the accumulators have {sorted(metrics)}")
+    for path, metric in metrics.items():
+        entry = layout[path]
+        if set(entry["states"]) != set(metric._defaults):  # noqa: SLF001
+            raise ValueError(f"{path}: checkpoint states {sorted(entry['states'])} != {sorted(metric._defaults)}")  # noqa: SLF001
+        for state, kind in entry["states"].items():
+            current = getattr(metric, state)
+            if kind == "tensor":
+                saved = tensors[f"{path}/{state}"]
+                if saved.shape != current.shape or saved.dtype != current.dtype:
+                    raise ValueError(f"{path}.{state}: checkpoint {saved.dtype}{list(saved.shape)} != {current.dtype}{list(current.shape)}")
+                setattr(metric, state, saved.to(current.device))
+            else:
+                device = metric.device
+                setattr(metric, state, [tensors[f"{path}/{state}/{k}"].to(device) for k in range(int(kind))])
+        metric._update_count = int(entry["update_count"])  # noqa: SLF001
+        metric._computed = None  # noqa: SLF001
+
+
+def save_metric_states(path: str | os.PathLike, roots: dict[str, nn.Module], metadata: dict[str, Any]) -> Path:
+    """Write the states of every Metric under ``roots`` and ``metadata`` (JSON-able) atomically."""
+    tensors, layout = collect_metric_states(roots)
+    meta = {key: json.dumps(value) for key, value in metadata.items()}
+    meta[_LAYOUT_KEY] = json.dumps(layout)
+    return io.save_tensors(path, tensors, meta)
+
+
+def read_metric_states(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+    """``(tensors, layout, metadata)`` of a file written by ``save_metric_states``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        raw = handle.metadata() or {}
+    meta = {key: json.loads(value) for key, value in raw.items()}
+    layout = meta.pop(_LAYOUT_KEY, {})
+    return io.load_tensors(path), layout, meta
+
+
+# -- the callback -----------------------------------------------------------------------------
+class AccumulatorCheckpoint(Callback):
+    """Periodic per-rank checkpoints of an attribution callback's accumulators (see module docstring).
+
+    Args:
+        target: the attribution callback (``HeadLocalizationCallback`` /
+            ``NeuronAttributionCallback`` / ``MaskingVerificationCallback``); must come
+            before this callback in the Trainer's list.
+        path: file stem, e.g. ``run_dir/partial/neurons`` (``.rank<r>.safetensors`` is appended).
+        every_n_batches: checkpoint period in batches (per rank); 0 disables saving
+            (an existing checkpoint is still restored).
+        fingerprint: anything JSON-able that identifies the computation (the stage's
+            settings); a checkpoint written for another fingerprint is discarded.
+    """
+
+    def __init__(self, target: Any, path: str | os.PathLike, every_n_batches: int, fingerprint: Any = None) -> None:
+        if every_n_batches < 0:
+            raise ValueError(f"every_n_batches must be >= 0; got {every_n_batches}")
+        self.target = target
+        self.stem = Path(path)
+        self.every_n_batches = int(every_n_batches)
+        self.fingerprint = json.loads(json.dumps(fingerprint))
+        self.resumed_from = 0
+        self._seen = 0
+
+    def file(self, rank: int) -> Path:
+        """This stem's checkpoint file of process ``rank``."""
+        return self.stem.with_name(f"{self.stem.name}.rank{rank}.safetensors")
+
+    def clear(self, world_size: int | None = None) -> None:
+        """Remove every rank's file (all ``rank*`` files of the stem when ``world_size`` is None)."""
+        if world_size is None:
+            files = list(self.stem.parent.glob(f"{self.stem.name}.rank*.safetensors")) if self.stem.parent.is_dir() else []
+        else:
+            files = [self.file(rank) for rank in range(world_size)]
+        for file in files:
+            file.unlink(missing_ok=True)
+
+    # hooks
+    def _target_active(self) -> bool:
+        return bool(getattr(self.target, "_active", True))
+
+    def _start(self, trainer: L.Trainer) -> None:
+        self.resumed_from = 0
+        self._seen = 0
+        if not self._target_active():
+            return
+        file = self.file(trainer.global_rank)
+        if not file.is_file():
+            return
+        tensors, layout, meta = read_metric_states(file)
+        if meta.get("fingerprint") != self.fingerprint or meta.get("world_size") != trainer.world_size:
+            rank_zero_warn(f"{file}: written for other settings or another world size; starting the pass over")
+            return
+        roots = self.target.accumulators()
+        if not roots:
+            raise RuntimeError(f"{type(self.target).__name__} has no accumulator at epoch start; give it task=...")
+        restore_metric_states(roots, tensors, layout)
+        self.resumed_from = self._seen = int(meta["batches"])
+        self.target.skip_batches = self.resumed_from
+        rank_zero_info(f"hones: resuming from {file.name} after {self.resumed_from} batches")
+
+    def _batch_end(self, trainer: L.Trainer, batch_idx: int) -> None:
+        if batch_idx < self.resumed_from or not self._target_active():
+            return
+        self._seen = batch_idx + 1
+        if self.every_n_batches and self._seen % self.every_n_batches == 0:
+            metadata = {"batches": self._seen, "world_size": trainer.world_size, "fingerprint": self.fingerprint}
+            save_metric_states(self.file(trainer.global_rank), self.target.accumulators(), metadata)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._start(trainer)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[no-untyped-def]
+        if not trainer.sanity_checking:
+            self._batch_end(trainer, batch_idx)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[no-untyped-def]
+        self._batch_end(trainer, batch_idx)
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[no-untyped-def]
+        self._batch_end(trainer, batch_idx)

@@ -1,0 +1,562 @@
+"""The HONES attribution pipeline on Lightning (``analyze.py``): §2 heads -> §3 neurons -> APE -> §4 masking.
+
+Each stage is one ``trainer.predict`` pass of ``AttributionModule`` (it only holds the
+VLM; its steps do nothing) with the attribution callbacks of
+``hones.attribution.callbacks`` doing the work; this module picks the split, wires the
+callbacks and writes the run folder. ``predict`` serves every item exactly once even on
+several devices (an unrepeated sampler), and the callbacks' accumulators are summed
+across processes.
+
+Run folder ``<output_root>/<model_name>/<task>/``:
+
+- ``heads.json``, ``head_scores.safetensors`` (Δ and intervened utility ``[L, H]``),
+  ``head_agreement.json`` when a second utility is compared — discovery split (§2);
+- ``importance.safetensors`` (Imp, c̄, baseline scores, AP/MA statistics ``[L, I]``),
+  ``bank_<method>.json`` for hones, random, activation, write_in, grad_x_act, ap, ma
+  (and ape once all four tasks have statistics) — discovery split (§3);
+- ``masking.json`` / ``masking.md`` — test split (§4);
+- ``state.json`` (finished stages and their settings; see ``run_state``),
+  ``partial/`` (mid-split accumulator checkpoints while a pass runs),
+  ``tensorboard/`` (head heat map, importance histogram, neurons per layer, masking scalars).
+
+Stages already recorded in ``state.json`` with the same settings are skipped; other
+settings are an error unless ``overwrite`` (then the stage and everything that depends
+on it is recomputed).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from hones import io
+from hones.attribution.activation_banks import ape_banks, load_activation_probability, statistic_banks
+from hones.attribution.bank import BankEntry, load_head_scores, neurons_per_layer, read_bank, write_bank
+from hones.attribution.callbacks import (
+    HeadLocalizationCallback,
+    MaskingVerificationCallback,
+    NeuronAttributionCallback,
+    neurons_per_layer_figure,
+)
+from hones.attribution.checkpoint import AccumulatorCheckpoint
+from hones.attribution.heads import DEFAULT_TOP_K, HeadScores
+from hones.attribution.reports import masking_markdown, masking_row, write_masking_report
+from hones.attribution.run_state import AnalysisError, RunState, StageMismatchError
+from hones.attribution.settings import (
+    METHODS,
+    TASKS,
+    AnalyzeConfig,
+    SplitSettings,
+    heads_retrieval_negatives,
+    model_identity,
+    stage_fingerprint,
+)
+from hones.data.tasks import N_NEGATIVES
+
+COMMANDS = ("all", "heads", "neurons", "mask")
+
+
+# -- the module -------------------------------------------------------------------------------
+class AttributionModule(L.LightningModule):
+    """Holds the VLM (``.adapter``) for the attribution callbacks; its steps do nothing.
+
+    Hooks implemented: ``configure_model`` (load the adapter, once per process),
+    ``setup`` (hand the adapter's encoder to the datamodule), ``predict_step`` (no-op).
+
+    Args:
+        model: hub id or local directory; dtype: fp32 | bf16 | fp16.
+        adapter_factory: optional callable returning a ready adapter (tests, notebooks).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "fp32",
+        trust_remote_code: bool = False,
+        adapter_factory: Callable[[], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["adapter_factory"])
+        self._adapter_factory = adapter_factory
+        self.adapter: Any = None
+
+    def configure_model(self) -> None:
+        if self.adapter is not None:
+            return
+        if self._adapter_factory is not None:
+            self.adapter = self._adapter_factory()
+        else:
+            from hones.models import load_adapter
+
+            self.adapter = load_adapter(
+                self.hparams.model, dtype=self.hparams.dtype, device=str(self.device), trust_remote_code=self.hparams.trust_remote_code
+            )
+        self.adapter.model.eval()
+        self.vlm = self.adapter.model  # registered so that Lightning moves it to the device
+
+    def setup(self, stage: str) -> None:
+        self.configure_model()
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "set_encoder"):
+            datamodule.set_encoder(self.adapter.encode)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        return None
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def is_global_zero() -> bool:
+    """Whether this process writes the run folder (rank 0, or no distributed run)."""
+    return int(getattr(rank_zero_only, "rank", 0)) == 0
+
+
+def barrier() -> None:
+    """Wait for every process (no-op without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def say(message: str) -> None:
+    """A progress line on stderr (rank 0)."""
+    if is_global_zero():
+        print(f"[analyze] {message}", file=sys.stderr, flush=True)
+
+
+def build_datamodule(
+    config: AnalyzeConfig,
+    task: str,
+    split: SplitSettings,
+    with_targets: bool,
+    ranking: bool | None = None,
+    retrieval_negatives: int | None = None,
+) -> Any:
+    """The ``HonesDataModule`` of ``task`` on ``split`` (set up: ``.items`` is filled).
+
+    Retrieval items (``retrieval_negatives`` defaults to the split's): with ``ranking``
+    (default: any split but discovery) the positive and that many hard negatives of each
+    image, labelled for NDCG (§1); without, the positive with target "Yes" (§3) plus that
+    many of the hard negatives, sampled, with target "No".
+    """
+    from hones.data.datamodule import HonesDataModule
+
+    data = config.data
+    ranking = split.split != "discovery" if ranking is None else ranking
+    negatives = split.retrieval_negatives if retrieval_negatives is None else int(retrieval_negatives)
+    module = HonesDataModule(
+        dataset=data.dataset,
+        annotation_file=data.annotation_file,
+        task=task,
+        split=split.split,
+        image_root=data.image_root,
+        split_file=split.split_file,
+        limit=split.limit,
+        seed=data.seed,
+        batch_size=data.batch_size,
+        num_workers=data.num_workers,
+        lenient=data.lenient,
+        cache_dir=data.cache_dir,
+        training=not ranking,
+        with_targets=with_targets,
+        n_neg=negatives if ranking else (N_NEGATIVES if negatives else 1),  # positives only: no pool to rank
+        train_negatives=negatives,
+    )
+    module.setup("predict")
+    if not module.items:
+        raise AnalysisError(f"{task} on the {split.split} split has no item ({split.split_file})")
+    return module
+
+
+@dataclass
+class StageOutcome:
+    """What happened to one stage: ``status`` is "ran", "skipped" (already done) or "pending"."""
+
+    task: str
+    stage: str
+    status: str
+    detail: str = ""
+
+
+# -- one run folder ---------------------------------------------------------------------------
+class TaskRun:
+    """The stages of one (model, task) run folder.
+
+    Args:
+        config: the run's settings; task: its task.
+        module: the shared ``AttributionModule`` (the model is loaded once for all tasks).
+        extra_callbacks: added to every Trainer (after the attribution callbacks).
+        identity: ``settings.model_identity`` of the model (part of every stage's fingerprint).
+    """
+
+    def __init__(
+        self,
+        config: AnalyzeConfig,
+        task: str,
+        module: AttributionModule,
+        extra_callbacks: Sequence[Callback] = (),
+        identity: str | None = None,
+    ) -> None:
+        self.config, self.task, self.module, self.identity = config, task, module, identity
+        self.extra_callbacks = list(extra_callbacks)
+        self.run_dir = config.run_dir(task)
+        self.partial_dir = self.run_dir / "partial"
+        self.state = RunState(self.run_dir / "state.json", config.name(), task)
+        self.outcomes: list[StageOutcome] = []
+        self._head_scores: HeadScores | None = None
+
+    # plumbing
+    def fingerprint(self, stage: str) -> dict[str, Any]:
+        return stage_fingerprint(self.config, self.task, stage, self.identity)
+
+    def save_state(self) -> None:
+        if is_global_zero():
+            self.state.set_config(self.config.to_dict())
+            self.state.save()
+
+    def note(self, stage: str, status: str, detail: str = "") -> None:
+        self.outcomes.append(StageOutcome(self.task, stage, status, detail))
+        say(f"{self.config.name()}/{self.task} {stage}: {status}{' — ' + detail if detail else ''}")
+
+    def trainer(self, callbacks: Sequence[Callback]) -> L.Trainer:
+        settings = self.config.trainer
+        logger = TensorBoardLogger(str(self.run_dir), name="", version="tensorboard", default_hp_metric=False)
+        return L.Trainer(
+            accelerator=settings.accelerator,
+            devices=settings.devices,
+            strategy=settings.strategy,
+            num_nodes=settings.num_nodes,
+            precision=settings.precision,
+            logger=logger,
+            callbacks=[*callbacks, *self.extra_callbacks],
+            enable_progress_bar=settings.enable_progress_bar,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+
+    def run_pass(self, callback: Any, datamodule: Any, stage: str, fingerprint: dict[str, Any]) -> L.Trainer:
+        """One ``trainer.predict`` pass with ``callback`` and its mid-split checkpoint."""
+        checkpoint = AccumulatorCheckpoint(
+            callback, self.partial_dir / stage.replace("/", "_"), self.config.checkpoint_every_n_batches, fingerprint
+        )
+        trainer = self.trainer([callback, checkpoint])
+        trainer.predict(self.module, datamodule=datamodule, return_predictions=False)
+        barrier()
+        if is_global_zero():
+            checkpoint.clear()
+            if self.partial_dir.is_dir() and not any(self.partial_dir.iterdir()):
+                self.partial_dir.rmdir()
+        return trainer
+
+    def top_k(self) -> int:
+        """|H*|: the configured K, else §2's default for the architecture, capped at L·H."""
+        adapter = self.module.adapter
+        total = adapter.num_layers * adapter.num_heads
+        k = self.config.heads.top_k or DEFAULT_TOP_K.get(getattr(adapter, "model_type", ""), 30)
+        return min(int(k), total)
+
+    def forget(self, stages: Sequence[str]) -> None:
+        """``--overwrite``: drop the records of ``stages`` and their dependants, and partial checkpoints.
+
+        Every process forgets (so that all of them run the same stages); rank 0 writes.
+        """
+        dropped = self.state.forget(stages)
+        if not is_global_zero():
+            return
+        if "heads" in stages:
+            shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+        shutil.rmtree(self.partial_dir, ignore_errors=True)
+        if dropped:
+            say(f"{self.config.name()}/{self.task}: --overwrite, recomputing {', '.join(dropped)}")
+            self.save_state()
+
+    # §2
+    def heads(self) -> None:
+        fingerprint = self.fingerprint("heads")
+        if self.state.is_done("heads", fingerprint):
+            self.note("heads", "skipped", "already done")
+            return
+        settings = self.config.heads
+        compare_utility = settings.compare_utility
+        negatives = heads_retrieval_negatives(self.config)
+        if self.task == "retrieval" and negatives == 0 and "metric" in (settings.utility, compare_utility):
+            if settings.utility == "metric":
+                raise AnalysisError(
+                    "the metric utility of retrieval is NDCG@5 over each image's candidates; give "
+                    "heads.retrieval_negatives > 0 (e.g. 49) or use utility teacher_forced"
+                )
+            say(f"{self.config.name()}/retrieval heads: no negatives, so no NDCG to compare with (heads.retrieval_negatives)")
+            compare_utility = None
+        ranking = self.task == "retrieval" and negatives > 0
+        datamodule = build_datamodule(
+            self.config, self.task, self.config.discovery, with_targets=settings.utility == "teacher_forced",
+            ranking=ranking, retrieval_negatives=negatives,
+        )
+        k = self.top_k()
+        say(f"{self.config.name()}/{self.task} heads (§2): {len(datamodule.items)} discovery items, utility {settings.utility}, K={k}")
+        callback = HeadLocalizationCallback(
+            task=self.task,
+            utility=settings.utility,
+            top_k=k,
+            rows_per_forward=settings.rows_per_forward,
+            rerun=settings.rerun,
+            metric_mode=settings.metric_mode,
+            max_new_tokens=settings.max_new_tokens,
+            compare_utility=compare_utility,
+            stages=("predict",),
+            output_dir=self.run_dir,
+        )
+        self.run_pass(callback, datamodule, "heads", fingerprint)
+        scores = callback.scores
+        assert scores is not None
+        self._head_scores = scores
+        if is_global_zero():
+            listing = io.read_json(self.run_dir / "heads.json")
+            listing["top_k"] = k
+            listing["selected"] = [[l, h] for l, h in callback.top_heads]
+            io.write_json(self.run_dir / "heads.json", listing)
+        info = {"num_items": scores.num_items, "baseline": scores.baseline, "top_heads": [[l, h] for l, h in callback.top_heads]}
+        if callback.agreement:
+            info["agreement"] = {name: (value if math.isfinite(value) else None) for name, value in callback.agreement.items()}
+        self.state.mark_done("heads", fingerprint, info)
+        self.save_state()
+        self.note("heads", "ran", f"H* = {info['top_heads']}")
+
+    def head_scores(self) -> HeadScores:
+        if self._head_scores is None:
+            self._head_scores = load_head_scores(self.run_dir / "head_scores.safetensors")
+        return self._head_scores
+
+    # §3
+    def neurons(self) -> None:
+        fingerprint = self.fingerprint("neurons")
+        if self.state.is_done("neurons", fingerprint):
+            self.note("neurons", "skipped", "already done")
+            return
+        if not self.state.is_done("heads", self.fingerprint("heads")):
+            raise AnalysisError(f"{self.run_dir}: the heads stage has not run; run `analyze.py heads` (or `all`) first")
+        settings = self.config.neurons
+        datamodule = build_datamodule(self.config, self.task, self.config.discovery, with_targets=False)
+        say(f"{self.config.name()}/{self.task} neurons (§3): {len(datamodule.items)} discovery items, top_ratio {settings.top_ratio}")
+        callback = NeuronAttributionCallback(
+            heads=self.head_scores(),
+            top_k=self.top_k(),
+            top_ratio=settings.top_ratio,
+            task=self.task,
+            idf="auto" if settings.caption_idf else None,
+            rows_per_forward=settings.rows_per_forward,
+            activation_statistics=True,
+            gradient_baseline=settings.gradient_baseline,
+            baseline_seed=settings.baseline_seed,
+            stages=("predict",),
+            output_dir=self.run_dir,
+        )
+        trainer = self.run_pass(callback, datamodule, "neurons", fingerprint)
+        assert callback.result is not None
+        extra = statistic_banks(callback.result.activation_statistics, len(callback.bank))
+        banks = {**callback.banks, **extra}
+        num_layers = callback.result.importance.shape[0]
+        if is_global_zero():
+            for name, entries in extra.items():
+                write_bank(self.run_dir / f"bank_{name}.json", entries)
+            counts = {name: neurons_per_layer(entries, num_layers) for name, entries in banks.items()}
+            for logger in trainer.loggers:
+                experiment = getattr(logger, "experiment", None)
+                if experiment is not None and hasattr(experiment, "add_figure"):
+                    experiment.add_figure(f"attribution/{self.task}/neurons_per_layer_all", neurons_per_layer_figure(counts))
+                    experiment.flush()
+        barrier()
+        info = {
+            "num_items": callback.result.num_items,
+            "num_neurons": len(callback.bank),
+            "heads": [[l, h] for l, h in callback.result.heads],
+            "neurons_per_layer": {name: neurons_per_layer(entries, num_layers).tolist() for name, entries in banks.items()},
+        }
+        self.state.mark_done("neurons", fingerprint, info)
+        self.save_state()
+        self.note("neurons", "ran", f"{len(callback.bank)} neurons per selection")
+
+    # APE (all four tasks)
+    def ape(self, banks: dict[str, list[BankEntry]] | None, reason: str = "") -> None:
+        """Record this task's APE bank (``banks``: every task's APE selection; None: not computable, ``reason`` says why)."""
+        fingerprint = self.fingerprint("ape")
+        if self.state.is_done("ape", fingerprint):
+            self.note("ape", "skipped", "already done")
+            return
+        if banks is None:
+            self.note("ape", "pending", f"{reason} (run `analyze.py all --tasks vqa,ocr,caption,retrieval`)")
+            return
+        if is_global_zero():
+            write_bank(self.run_dir / "bank_ape.json", banks[self.task])
+        barrier()
+        self.state.mark_done("ape", fingerprint, {"num_neurons": len(banks[self.task])})
+        self.save_state()
+        self.note("ape", "ran", f"{len(banks[self.task])} neurons")
+
+    # §4
+    def mask(self) -> None:
+        methods = list(self.config.masking.methods)
+        if not self.state.is_done("neurons", self.fingerprint("neurons")):
+            raise AnalysisError(f"{self.run_dir}: the neurons stage has not run; run `analyze.py neurons` (or `all`) first")
+        pending: list[str] = []
+        for method in methods:
+            if self.state.is_done(f"mask/{method}", self.fingerprint(f"mask/{method}")):
+                continue
+            if method == "ape" and self.state.record("ape") is None:
+                self.note("mask/ape", "pending", "no APE bank yet")
+                continue
+            if not (self.run_dir / f"bank_{method}.json").is_file():
+                raise AnalysisError(f"{self.run_dir / f'bank_{method}.json'}: missing; rerun the neurons stage with --overwrite")
+            pending.append(method)
+        done = [m for m in methods if m not in pending and self.state.record(f"mask/{m}") is not None]
+        if done:
+            self.note("mask", "skipped", f"already done: {', '.join(done)}")
+        if pending:
+            self._mask_pass(pending)
+        self.write_masking(log=bool(pending))
+
+    def _mask_pass(self, methods: Sequence[str]) -> None:
+        settings = self.config.masking
+        datamodule = build_datamodule(self.config, self.task, self.config.test, with_targets=False)
+        say(f"{self.config.name()}/{self.task} masking (§4): {len(datamodule.items)} test items, methods {', '.join(methods)}")
+        adapter = self.module.adapter
+        banks = {m: read_bank(self.run_dir / f"bank_{m}.json", adapter.num_layers, adapter.ffn_width) for m in methods}
+        callback = MaskingVerificationCallback(
+            banks=banks,
+            task=self.task,
+            metric_mode=settings.metric_mode,
+            max_new_tokens=settings.max_new_tokens,
+            stages=("predict",),
+        )
+        pass_fingerprint = {"methods": list(methods), **{m: self.fingerprint(f"mask/{m}") for m in methods}}
+        self.run_pass(callback, datamodule, "mask", pass_fingerprint)
+        results = callback.results
+        for method in methods:
+            row = masking_row(results["base"], results["banks"][method]["masked"], results["banks"][method]["num_neurons"])
+            info = {**row, "metric": results["metric"], "num_items": len(datamodule.items)}
+            self.state.mark_done(f"mask/{method}", self.fingerprint(f"mask/{method}"), info)
+        self.save_state()
+        self.note("mask", "ran", ", ".join(f"{m} {results['banks'][m]['masked']:.4f}" for m in methods) + f" (base {results['base']:.4f})")
+
+    def masking_report(self) -> dict[str, Any] | None:
+        """``masking.json``'s content from the finished mask stages (None when there is none)."""
+        rows: dict[str, Any] = {}
+        metric, num_items = "", 0
+        for method in self.config.masking.methods:
+            record = self.state.record(f"mask/{method}")
+            if record is None:
+                continue
+            info = dict(record["info"])
+            metric, num_items = info.pop("metric", metric), info.pop("num_items", num_items)
+            rows[method] = info
+        if not rows:
+            return None
+        return {
+            "task": self.task,
+            "split": self.config.test.split,
+            "metric": metric,
+            "metric_mode": self.config.masking.metric_mode,
+            "num_items": num_items,
+            "methods": rows,
+        }
+
+    def write_masking(self, log: bool = True) -> None:
+        """Write ``masking.json`` / ``masking.md`` (and, with ``log``, the table as TensorBoard text)."""
+        report = self.masking_report()
+        if report is None or not is_global_zero():
+            return
+        write_masking_report(self.run_dir, report)
+        if not log:
+            return
+        logger = TensorBoardLogger(str(self.run_dir), name="", version="tensorboard", default_hp_metric=False)
+        logger.experiment.add_text(f"masking/{self.task}", masking_markdown(report))
+        logger.finalize("success")
+
+
+# -- the whole run ----------------------------------------------------------------------------
+def compute_ape(
+    config: AnalyzeConfig, runs: dict[str, TaskRun], identity: str | None = None
+) -> tuple[dict[str, list[BankEntry]] | None, str]:
+    """Every task's APE bank when all four tasks' neuron stages are done with these settings.
+
+    Returns ``(banks, "")``, or ``(None, reason)`` naming the tasks that are missing or
+    were computed with other settings (APE then stays pending; it is not an error for
+    the tasks being run).
+    """
+    missing, different = [], []
+    for task in TASKS:
+        run = runs.get(task)
+        state = run.state if run is not None else RunState(config.run_dir(task) / "state.json")
+        try:
+            if not state.is_done("neurons", stage_fingerprint(config, task, "neurons", identity)):
+                missing.append(task)
+        except StageMismatchError:
+            different.append(task)
+    if missing or different:
+        parts = [f"no neuron stage yet for {', '.join(missing)}"] if missing else []
+        parts += [f"the neuron stage of {', '.join(different)} used other settings"] if different else []
+        return None, "APE needs the four tasks' neuron stages with these settings: " + "; ".join(parts)
+    probabilities, budgets = {}, {}
+    for task in TASKS:
+        run_dir = config.run_dir(task)
+        probabilities[task] = load_activation_probability(run_dir / "importance.safetensors")
+        budgets[task] = len(read_bank(run_dir / "bank_hones.json"))
+    return ape_banks(probabilities, budgets), ""
+
+
+def run_analysis(
+    config: AnalyzeConfig,
+    command: str = "all",
+    extra_callbacks: Sequence[Callback] = (),
+    adapter_factory: Callable[[], Any] | None = None,
+) -> list[StageOutcome]:
+    """Run ``command`` ("all", "heads", "neurons", "mask") for every task of ``config``.
+
+    ``all``: heads and neurons per task, then APE (once the four tasks have statistics),
+    then masking per task. ``mask`` also records APE banks when it can. Returns what
+    happened to each stage.
+    """
+    if command not in COMMANDS:
+        raise ValueError(f"command must be one of {COMMANDS}; got {command!r}")
+    tasks = config.task_list()
+    identity = model_identity(config.model)
+    module = AttributionModule(config.model, config.dtype, config.trust_remote_code, adapter_factory)
+    module.configure_model()
+    runs = {task: TaskRun(config, task, module, extra_callbacks, identity) for task in tasks}
+    if config.overwrite:
+        first = {"all": ["heads"], "heads": ["heads"], "neurons": ["neurons"], "mask": ["mask/", "ape"]}[command]
+        for run in runs.values():
+            run.forget(first)
+    barrier()
+    for run in runs.values():
+        if command in ("all", "heads"):
+            run.heads()
+        if command in ("all", "neurons"):
+            run.neurons()
+    if command in ("all", "mask"):
+        if "ape" in config.masking.methods:
+            banks, reason = compute_ape(config, runs, identity)
+            for run in runs.values():
+                run.ape(banks, reason)
+        for run in runs.values():
+            run.mask()
+    return [outcome for run in runs.values() for outcome in run.outcomes]
+
+
+__all__ = [
+    "AttributionModule",
+    "COMMANDS",
+    "METHODS",
+    "StageOutcome",
+    "TaskRun",
+    "build_datamodule",
+    "compute_ape",
+    "run_analysis",
+]

@@ -1,0 +1,343 @@
+"""``analyze.py`` end to end on a tiny model and a 20-image toy world (HONES_METHOD §2-4).
+
+- ``all`` over the four tasks writes every artifact (heads, scores, importance, the eight
+  banks, masking.json/md, state.json, TensorBoard events); AP / MA / APE have HONES' budget;
+- a rerun skips every finished stage and leaves the artifacts byte-identical;
+- other settings for a finished stage are a clear error; ``--overwrite`` recomputes;
+- ``table`` collects the four tasks into one methods × tasks table;
+- a pass interrupted mid-split resumes from its checkpoint to byte-identical artifacts;
+- every shipped configs/analyze/*.yaml parses.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hones.attribution.bank import read_bank
+from hones.attribution.checkpoint import AccumulatorCheckpoint
+from hones.attribution.pipeline import run_analysis
+from hones.attribution.settings import METHODS, TASKS, AnalyzeConfig, DataSettings, SplitSettings
+from hones.data.toyworld import ToyWorldConfig, generate_world
+from hones.models import VLMAdapter, save_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "analyze" / "toy_llava.yaml"
+# 20 images: 4 train, 8 discovery, 8 test
+WORLD = ToyWorldConfig(seed=0, n_train=4, n_discovery=8, n_dev=0, n_test=8, n_ood=0)
+STAGE_FILES = ("heads.json", "head_scores.safetensors", "importance.safetensors", "masking.json", "masking.md")
+
+
+def load_cli() -> Any:
+    spec = importlib.util.spec_from_file_location("analyze_cli", ROOT / "analyze.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    generate_world(out, WORLD, force=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_llava: VLMAdapter, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_pretrained(tiny_llava.model, tiny_llava.processor, tmp_path_factory.mktemp("model") / "tiny-llava")
+
+
+def cli_args(command: str, world: Path, model_dir: Path, out: Path, *extra: str) -> list[str]:
+    """The shipped toy config, pointed at the tiny world and model, with small budgets."""
+    return [
+        command, "--config", str(CONFIG),
+        "--model", str(model_dir), "--model_name", "tiny", "--output_root", str(out),
+        "--data.annotation_file", str(world / "coco" / "unified.json"), "--data.image_root", str(world / "coco" / "images"),
+        "--data.batch_size", "4",
+        "--discovery.split_file", str(world / "splits" / "discovery.json"),
+        "--test.split_file", str(world / "splits" / "test.json"), "--test.retrieval_negatives", "5",
+        "--heads.retrieval_negatives", "3", "--heads.max_new_tokens", "3", "--masking.max_new_tokens", "3",
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+def contents(path: Path) -> Any:
+    """A file's bytes; for safetensors, each tensor's bytes and the metadata (whose key order the writer does not fix)."""
+    if path.suffix != ".safetensors":
+        return path.read_bytes()
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    return metadata, {name: (str(t.dtype), tuple(t.shape), t.numpy().tobytes()) for name, t in sorted(tensors.items())}
+
+
+def snapshot(run_root: Path) -> dict[str, Any]:
+    """Every task's artifacts, exactly (state.json and TensorBoard events excluded: timestamps)."""
+    return {
+        str(path.relative_to(run_root)): contents(path)
+        for path in sorted(run_root.glob("*/**/*"))
+        if path.is_file() and "tensorboard" not in path.parts and path.name != "state.json"
+    }
+
+
+@pytest.fixture(scope="module")
+def full_run(world: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``analyze.py all`` over the four tasks, run once for the module."""
+    out = tmp_path_factory.mktemp("runs")
+    cli = load_cli()
+    assert cli.main(cli_args("all", world, model_dir, out, "--tasks", "vqa,ocr,caption,retrieval")) == 0
+    return {"cli": cli, "out": out, "root": out / "tiny", "snapshot": snapshot(out / "tiny")}
+
+
+# -- end to end ------------------------------------------------------------------------------
+def test_all_writes_every_artifact(full_run: dict[str, Any], tiny_llava: VLMAdapter) -> None:
+    num_layers, num_heads, ffn = tiny_llava.num_layers, tiny_llava.num_heads, tiny_llava.ffn_width
+    budget = round(0.01 * num_layers * ffn)  # §3 top 1%
+    for task in TASKS:
+        run = full_run["root"] / task
+        for name in STAGE_FILES:
+            assert (run / name).is_file(), f"{task}: {name} missing"
+        heads = json.loads((run / "heads.json").read_text())
+        assert heads["top_k"] == 4 and len(heads["selected"]) == 4 and heads["utility"] == "teacher_forced"
+        assert {"delta", "intervened"} <= set(heads["heads"][0]) and "baseline" in heads
+        scores = load_file(str(run / "head_scores.safetensors"))
+        assert scores["delta"].shape == (num_layers, num_heads)
+        assert (run / "head_agreement.json").is_file()  # §2: fast utility vs the metric
+        matrices = load_file(str(run / "importance.safetensors"))
+        assert matrices["importance"].shape == (num_layers, ffn)
+        banks = {m: read_bank(run / f"bank_{m}.json", num_layers, ffn) for m in METHODS}
+        assert {m: len(b) for m, b in banks.items()} == {m: budget for m in METHODS}  # AP/MA/APE at HONES' budget
+        masking = json.loads((run / "masking.json").read_text())
+        assert masking["task"] == task and masking["split"] == "test" and list(masking["methods"]) == list(METHODS)
+        for row in masking["methods"].values():
+            assert row["num_neurons"] == budget
+            assert row["drop"] == pytest.approx(row["base"] - row["masked"])
+            if row["base"] != 0:
+                assert row["relative_drop"] == pytest.approx(100 * (row["base"] - row["masked"]) / abs(row["base"]))
+        assert "| HONES |" in (run / "masking.md").read_text()
+        state = json.loads((run / "state.json").read_text())
+        assert {"heads", "neurons", "ape", *(f"mask/{m}" for m in METHODS)} <= set(state["stages"])
+        assert not (run / "partial").exists()  # checkpoints removed once a pass finished
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(full_run["root"] / "vqa" / "tensorboard"), size_guidance={"images": 0, "histograms": 0}).Reload()
+    tags = events.Tags()
+    assert {"attribution/vqa/head_delta", "attribution/vqa/neurons_per_layer"} <= set(tags["images"])
+    assert "attribution/vqa/importance" in tags["histograms"]
+    assert "masking/vqa/hones/masked" in tags["scalars"]
+
+
+def test_ape_selects_task_specific_neurons(full_run: dict[str, Any]) -> None:
+    """APE banks: each neuron's AP is highest on the task it was selected for; the sets are disjoint."""
+    probabilities = {t: load_file(str(full_run["root"] / t / "importance.safetensors"))["stat_activation_probability"] for t in TASKS}
+    stacked = torch.stack([probabilities[t] for t in TASKS])
+    chosen: set[tuple[int, int]] = set()
+    for k, task in enumerate(TASKS):
+        for entry in read_bank(full_run["root"] / task / "bank_ape.json"):
+            assert int(stacked[:, entry.layer, entry.neuron].argmax()) == k
+            chosen.add((entry.layer, entry.neuron))
+    assert len(chosen) == sum(len(read_bank(full_run["root"] / t / "bank_ape.json")) for t in TASKS)
+
+
+def test_rerun_skips_finished_stages(full_run: dict[str, Any], world: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    args = cli_args("all", world, model_dir, full_run["out"], "--tasks", "vqa,ocr,caption,retrieval")
+    assert full_run["cli"].main(args) == 0
+    err = capsys.readouterr().err
+    assert ": ran" not in err and err.count(": skipped") >= 4 * len(TASKS)
+    assert snapshot(full_run["root"]) == full_run["snapshot"]
+
+
+def test_table_collects_the_four_tasks(full_run: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    assert full_run["cli"].main(["table", "--runs", str(full_run["root"])]) == 0
+    printed = capsys.readouterr().out
+    table = json.loads((full_run["root"] / "masking_table.json").read_text())
+    assert table["tasks"] == list(TASKS) and list(table["rows"]) == list(METHODS)
+    for method, row in table["rows"].items():
+        values = [row[t] for t in TASKS if row[t] is not None]
+        assert row["average"] == (pytest.approx(sum(values) / len(values)) if values else None)
+    assert "| HONES |" in printed and "average" in printed
+    assert (full_run["root"] / "masking_table.md").read_text() in printed + "\n"
+
+
+def test_changed_settings_are_an_error_and_overwrite_recomputes(
+    full_run: dict[str, Any], world: Path, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "runs"
+    shutil.copytree(full_run["out"], out)
+    cli = full_run["cli"]
+    capsys.readouterr()
+    assert cli.main(cli_args("all", world, model_dir, out, "--task", "vqa", "--heads.top_k", "3")) == 2
+    err = capsys.readouterr().err
+    assert "stage 'heads' was computed with other settings (heads.top_k: 4 -> 3)" in err and "--overwrite" in err
+    assert snapshot(out / "tiny") == full_run["snapshot"]  # nothing touched
+
+    # masking settings only: heads and neurons stay valid, every mask stage is recomputed
+    extra = ("--task", "vqa", "--masking.methods", "[hones,random]", "--masking.max_new_tokens", "2")
+    assert cli.main(cli_args("mask", world, model_dir, out, *extra)) == 2
+    assert cli.main(cli_args("mask", world, model_dir, out, *extra, "--overwrite", "true")) == 0
+    masking = json.loads((out / "tiny" / "vqa" / "masking.json").read_text())
+    assert list(masking["methods"]) == ["hones", "random"]
+    assert (out / "tiny" / "vqa" / "heads.json").read_bytes() == full_run["snapshot"]["vqa/heads.json"]
+
+    capsys.readouterr()
+    assert cli.main(cli_args("all", world, model_dir, out, "--task", "vqa", "--heads.top_k", "3", "--overwrite")) == 0
+    assert json.loads((out / "tiny" / "vqa" / "heads.json").read_text())["top_k"] == 3
+    # the other tasks were computed with K = 4: APE (entropy over the four tasks) waits for them
+    assert "the neuron stage of ocr, caption, retrieval used other settings" in capsys.readouterr().err
+    assert "ape" not in json.loads((out / "tiny" / "vqa" / "masking.json").read_text())["methods"]
+    state = json.loads((out / "tiny" / "vqa" / "state.json").read_text())
+    assert state["stages"]["heads"]["fingerprint"]["heads"]["top_k"] == 3
+
+
+def test_a_changed_model_directory_is_not_reused(
+    world: Path, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Results are tied to the model's contents, not only its path (a retrained model is a mismatch)."""
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    cli = load_cli()
+    args = cli_args("heads", world, model, tmp_path / "runs", "--task", "vqa", "--heads.compare_utility", "null")
+    assert cli.main(args) == 0
+    with open(model / "generation_config.json", "a", encoding="utf-8") as handle:
+        handle.write("\n")  # same model, different bytes: counts as another model
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    assert "model_identity" in capsys.readouterr().err
+
+
+# -- mid-split resume --------------------------------------------------------------------------
+class Interrupt(L.Callback):
+    """Raises after ``after`` batches of the pass whose checkpoint file stem is ``stage``."""
+
+    def __init__(self, stage: str, after: int) -> None:
+        self.stage, self.after = stage, after
+        self.resumed_from: dict[str, int] = {}
+
+    @staticmethod
+    def _checkpoint(trainer: L.Trainer) -> AccumulatorCheckpoint:
+        return next(cb for cb in trainer.callbacks if isinstance(cb, AccumulatorCheckpoint))
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[no-untyped-def]
+        checkpoint = self._checkpoint(trainer)
+        self.resumed_from[checkpoint.stem.name] = checkpoint.resumed_from
+        if checkpoint.stem.name == self.stage and batch_idx + 1 == self.after:
+            raise RuntimeError(f"interrupted {self.stage} after {self.after} batches")
+
+
+def small_config(world: Path, out: Path, **overrides: Any) -> AnalyzeConfig:
+    settings: dict[str, Any] = dict(
+        model="tiny-llava",
+        model_name="tiny",
+        task="caption",
+        output_root=str(out),
+        checkpoint_every_n_batches=1,
+        data=DataSettings(annotation_file=str(world / "coco" / "unified.json"), image_root=str(world / "coco" / "images"), batch_size=2),
+        discovery=SplitSettings("discovery", str(world / "splits" / "discovery.json"), None, 0),
+        test=SplitSettings("test", str(world / "splits" / "test.json"), None, 5),
+    )
+    settings.update(overrides)
+    config = AnalyzeConfig(**settings)
+    config.heads.top_k = 3
+    config.masking.methods = ["hones", "random", "write_in"]
+    config.masking.max_new_tokens = 3
+    config.trainer.enable_progress_bar = False
+    return config
+
+
+def test_interrupted_passes_resume_to_identical_artifacts(world: Path, tiny_llava: VLMAdapter, tmp_path: Path) -> None:
+    """Heads, neurons and masking each interrupted after 2 of 4 batches, then resumed: same bytes."""
+    factory = lambda: tiny_llava  # noqa: E731
+    reference = small_config(world, tmp_path / "reference")
+    run_analysis(reference, "all", adapter_factory=factory)
+
+    config = small_config(world, tmp_path / "resumed")
+    run_dir = config.run_dir("caption")
+    resumed: dict[str, int] = {}
+    for stage in ("heads", "neurons", "mask"):
+        interrupt = Interrupt(stage, after=2)
+        with pytest.raises(RuntimeError, match=f"interrupted {stage}"):
+            run_analysis(config, "all", extra_callbacks=[interrupt], adapter_factory=factory)
+        assert (run_dir / "partial" / f"{stage}.rank0.safetensors").is_file()
+        resumed.update(interrupt.resumed_from)
+    watcher = Interrupt("none", after=0)
+    outcomes = run_analysis(config, "all", extra_callbacks=[watcher], adapter_factory=factory)
+    resumed.update(watcher.resumed_from)
+    assert resumed == {"heads": 2, "neurons": 2, "mask": 2}  # each pass went on from its checkpoint
+    assert [(o.stage, o.status) for o in outcomes] == [("heads", "skipped"), ("neurons", "skipped"), ("mask", "ran")]
+    assert snapshot(tmp_path / "resumed" / "tiny") == snapshot(tmp_path / "reference" / "tiny")
+
+
+def test_metric_states_round_trip_with_list_states(tmp_path: Path) -> None:
+    """Tensor states (VQA accuracy) and list states (NDCG's candidates) survive a checkpoint."""
+    from hones.attribution.checkpoint import read_metric_states, restore_metric_states, save_metric_states
+    from hones.metrics import build_metric, group_ids
+
+    def fresh() -> torch.nn.ModuleDict:
+        return torch.nn.ModuleDict({"ndcg": build_metric("retrieval", "paper"), "vqa": build_metric("vqa", "paper")})
+
+    def feed(metrics: torch.nn.ModuleDict, group: str, answer: str) -> None:
+        metrics["ndcg"].update(torch.tensor([0.3, 0.1, 0.9]), torch.tensor([1, 0, 0]), group_ids([group] * 3))
+        metrics["vqa"].update([answer], [["red"]])
+
+    original = fresh()
+    feed(original, "a", "red")
+    save_metric_states(tmp_path / "partial.rank0.safetensors", {"metrics": original}, {"batches": 1})
+    restored = fresh()
+    tensors, layout, meta = read_metric_states(tmp_path / "partial.rank0.safetensors")
+    restore_metric_states({"metrics": restored}, tensors, layout)
+    assert meta == {"batches": 1}
+    for metrics in (original, restored):
+        feed(metrics, "b", "blue")
+    for name in ("ndcg", "vqa"):
+        assert float(restored[name].compute()) == float(original[name].compute())
+    with pytest.raises(ValueError, match="checkpoint holds metrics"):
+        restore_metric_states({"other": fresh()}, tensors, layout)
+
+
+def test_shipped_configs_parse() -> None:
+    cli = load_cli()
+    parser = cli.build_parser()
+    for path in sorted((ROOT / "configs" / "analyze").glob("*.yaml")):
+        parsed = parser.parse_args(["all", "--config", str(path)])
+        config = cli.config_from(parser.instantiate(parsed)["all"])
+        assert config.task_list() == list(TASKS), path
+        assert config.neurons.top_ratio == 0.01, path  # §3 default
+        assert config.test.split == "test" and config.discovery.split == "discovery", path
+        assert set(config.masking.methods) == set(METHODS), path
+
+
+@pytest.mark.slow
+def test_command_line_entry_point(world: Path, model_dir: Path, tmp_path: Path) -> None:
+    """The script itself, as a user runs it: one task, then the table."""
+    args = cli_args("all", world, model_dir, tmp_path, "--task", "vqa", "--masking.methods", "[hones,random]")
+    done = subprocess.run([sys.executable, str(ROOT / "analyze.py"), *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tiny/vqa mask: ran" in done.stderr
+    table = subprocess.run(
+        [sys.executable, str(ROOT / "analyze.py"), "table", "--runs", str(tmp_path / "tiny")], capture_output=True, text=True, timeout=300
+    )
+    assert table.returncode == 0 and "| HONES |" in table.stdout
