@@ -6,6 +6,7 @@
     python analyze.py neurons --config configs/analyze/toy_llava.yaml --task vqa   # §3 + baselines (discovery)
     python analyze.py mask    --config configs/analyze/toy_llava.yaml --task vqa   # §4 (test split)
     python analyze.py table   --runs runs/analyze/toy-llava                        # methods × tasks table
+    python analyze.py analysis --config configs/analysis/toy_llava.yaml            # cross-task analyses (§4)
 
 Any setting can be overridden on the command line (``--heads.top_k 8``,
 ``--neurons.top_ratio 0.02``, ``--tasks vqa,ocr``); ``python analyze.py all --help``
@@ -48,6 +49,11 @@ def build_parser() -> ArgumentParser:
     table.add_argument("--runs", required=True, help="a model's run folder, e.g. runs/analyze/toy-llava")
     table.add_argument("--methods", type=list[str] | None, default=None, help="rows, in order (default: all found)")
     commands.add_subcommand("table", table, help="methods × tasks relative-drop table (markdown + JSON)")
+    from hones.analysis.run import build_parser as analysis_parser
+
+    commands.add_subcommand(
+        "analysis", analysis_parser(), help="cross-task analyses: layer preference, overlap, cross-ablation, logit lens"
+    )
     return parser
 
 
@@ -84,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"analyze.py table: {error}", file=sys.stderr)
             return 2
         print(markdown)
+        return 0
+    if command == "analysis":
+        from hones.analysis.run import build_parser as analysis_parser
+        from hones.analysis.run import run_from_namespace
+
+        run_from_namespace(analysis_parser(), parsed.analysis)
         return 0
 
     from hones.attribution.pipeline import run_analysis

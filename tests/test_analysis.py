@@ -340,3 +340,17 @@ def test_hooks_as_a_jsonargparse_subcommand(monkeypatch: pytest.MonkeyPatch) -> 
         assert isinstance(kwargs["data"], DataConfig) and kwargs["data"].limit == 3
         assert isinstance(kwargs["logit_lens"], LogitLensConfig) and kwargs["tasks"] == ["vqa", "ocr"]
         assert "config" not in kwargs
+
+
+def test_analyze_py_exposes_the_analysis_subcommand() -> None:
+    """`analyze.py analysis --config ...` parses the shipped analysis configs."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("analyze_cli", root / "analyze.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name in ("toy_llava", "toy_qwen2_5_vl"):
+        parsed = module.build_parser().parse_args(["analysis", "--config", str(root / "configs" / "analysis" / f"{name}.yaml")])
+        assert parsed.command == "analysis"
+        assert parsed.analysis.model == f"models/toy-{name.removeprefix('toy_')}"
