@@ -164,11 +164,13 @@ def build_datamodule(
         num_workers=data.num_workers,
         lenient=data.lenient,
         cache_dir=data.cache_dir,
+        toy_world=data.toy_world,
         training=not ranking,
         with_targets=with_targets,
         n_neg=negatives if ranking else (N_NEGATIVES if negatives else 1),  # positives only: no pool to rank
         train_negatives=negatives,
     )
+    module.prepare_data()  # generates the toy world when data.toy_world asks for it and it is absent
     module.setup("predict")
     if not module.items:
         raise AnalysisError(f"{task} on the {split.split} split has no item ({split.split_file})")

@@ -38,6 +38,8 @@ class DataSettings:
         num_workers: data-loading workers; seed: subsampling and retrieval-negative seed.
         lenient: skip and count bad records instead of stopping.
         cache_dir: the datamodule's parsed-annotation cache (None: none).
+        toy_world: generate the toy world on first use, e.g. ``{"dir": "toyworld_data"}``
+            (None: the annotation files must exist).
     """
 
     dataset: str = "coco_unified"
@@ -48,6 +50,7 @@ class DataSettings:
     seed: int = 0
     lenient: bool = False
     cache_dir: str | None = None
+    toy_world: dict[str, Any] | None = None
 
 
 @dataclass
