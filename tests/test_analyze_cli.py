@@ -199,6 +199,9 @@ def test_changed_settings_are_an_error_and_overwrite_recomputes(
     # masking settings only: heads and neurons stay valid, every mask stage is recomputed
     extra = ("--task", "vqa", "--masking.methods", "[hones,random]", "--masking.max_new_tokens", "2")
     assert cli.main(cli_args("mask", world, model_dir, out, *extra)) == 2
+    # a forgotten stage leaves no stale file behind: masking.json disappears until recomputed
+    assert cli.main(cli_args("neurons", world, model_dir, out, "--task", "caption", "--overwrite")) == 0
+    assert not (out / "tiny" / "caption" / "masking.json").exists() and not (out / "tiny" / "caption" / "bank_ape.json").exists()
     assert cli.main(cli_args("mask", world, model_dir, out, *extra, "--overwrite", "true")) == 0
     masking = json.loads((out / "tiny" / "vqa" / "masking.json").read_text())
     assert list(masking["methods"]) == ["hones", "random"]

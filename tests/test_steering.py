@@ -376,7 +376,7 @@ def toy_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     text = (CONFIG_DIR / "toy_llava_vqa.yaml").read_text()
     for old, new in [
         ("models/toy-llava", str(root / "model")),
-        ("runs/attribution/toy-llava/vqa/bank_hones.json", str(bank)),
+        ("runs/analyze/toy-llava/vqa/bank_hones.json", str(bank)),
         ("toyworld_data", str(root / "world")),
         ("runs/steering", str(root / "runs")),
     ]:

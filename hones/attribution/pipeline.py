@@ -275,6 +275,14 @@ class TaskRun:
         if "heads" in stages:
             shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
         shutil.rmtree(self.partial_dir, ignore_errors=True)
+        if "ape" in dropped:
+            (self.run_dir / "bank_ape.json").unlink(missing_ok=True)
+        if any(name.startswith("mask/") for name in dropped):  # no stale rows in the reports
+            if self.masking_report() is None:
+                for name in ("masking.json", "masking.md"):
+                    (self.run_dir / name).unlink(missing_ok=True)
+            else:
+                self.write_masking(log=False)
         if dropped:
             say(f"{self.config.name()}/{self.task}: --overwrite, recomputing {', '.join(dropped)}")
             self.save_state()
