@@ -62,6 +62,30 @@ def _check_local_model(model: str) -> None:
         )
 
 
+
+def summarize_epoch(
+    metrics: Any, local_rows: list[dict[str, Any]], task: str, model: str, stage: str, headline_mode: str, **extra: Any
+) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, Any]]:
+    """Finish a scoring epoch: compute every mode's (synchronised) metric, gather the rows.
+
+    Returns ``(values per mode, every process's rows sorted by uid, results dict)``; the
+    results dict is what ``metrics_<stage>.json`` holds (``extra`` keys are added at the end).
+    """
+    values = {mode: float(metric.compute()) for mode, metric in metrics.items()}
+    rows = sorted(gather_objects(local_rows), key=lambda r: r["uid"])
+    results = {
+        "task": task,
+        "model": model,
+        "stage": stage,
+        "headline_mode": headline_mode,
+        "metric": values[headline_mode],
+        "metrics": {metrics[mode].name: values[mode] for mode in METRIC_MODES},
+        "num_items": len(rows),
+        **extra,
+    }
+    return values, rows, results
+
+
 class TaskScorer:
     """Runs one task on an encoded batch and feeds the metrics.
 
@@ -190,22 +214,14 @@ class EvalModule(L.LightningModule):
         self._rows.extend(rows)
 
     def _end(self, stage: str) -> None:
-        values = {mode: float(metric.compute()) for mode, metric in self.metrics.items()}
         task = self.hparams.task
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        values, rows, self.results = summarize_epoch(
+            self.metrics, self._rows, task, self.hparams.model, stage, self.hparams.metric_mode, world_size=world_size
+        )
         for mode, value in values.items():
             # every process holds the synchronised value: no further reduction needed
             self.log(f"{stage}/{task}/{self.metrics[mode].name}", value, rank_zero_only=False, sync_dist=False)
-        rows = sorted(gather_objects(self._rows), key=lambda r: r["uid"])
-        self.results = {
-            "task": task,
-            "model": self.hparams.model,
-            "stage": stage,
-            "headline_mode": self.hparams.metric_mode,
-            "metric": values[self.hparams.metric_mode],
-            "metrics": {self.metrics[mode].name: values[mode] for mode in METRIC_MODES},
-            "num_items": len(rows),
-            "world_size": self.trainer.world_size if self._trainer is not None else 1,
-        }
         out = self.run_dir()
         if out is not None and self.global_rank == 0:
             io.write_json(out / f"metrics_{stage}.json", self.results)

@@ -38,7 +38,7 @@ from torch import nn
 from hones import io
 from hones.attribution.batches import batch_size, ensure_prompt_only, ensure_targets
 from hones.attribution.bank import BankError
-from hones.evaluation import METRIC_MODES, TaskScorer, gather_objects
+from hones.evaluation import METRIC_MODES, TaskScorer, summarize_epoch
 from hones.interventions import NeuronScaler, scale_neurons
 from hones.metrics import build_metric
 from hones.steering.objective import DEFAULT_BETA, DEFAULT_L2_WEIGHT, steering_objective
@@ -275,22 +275,14 @@ class SteeringModule(L.LightningModule):
         self._rows.extend(rows)
 
     def _end(self, stage: str) -> None:
-        values = {mode: float(metric.compute()) for mode, metric in self.metrics.items()}
         task = self.hparams.task
+        headline = self.hparams.metric_mode
+        values, rows, self.results = summarize_epoch(
+            self.metrics, self._rows, task, self.hparams.model, stage, headline, metric_name=self.metrics[headline].name
+        )
         for mode, value in values.items():
             # compute() synchronised the metric: every process holds the same value (the mean is a no-op)
             self.log(f"{stage}/{task}/{self.metrics[mode].name}", value, sync_dist=True)
-        rows = sorted(gather_objects(self._rows), key=lambda r: r["uid"])
-        self.results = {
-            "task": task,
-            "model": self.hparams.model,
-            "stage": stage,
-            "headline_mode": self.hparams.metric_mode,
-            "metric_name": self.metrics[self.hparams.metric_mode].name,
-            "metric": values[self.hparams.metric_mode],
-            "metrics": {self.metrics[mode].name: values[mode] for mode in METRIC_MODES},
-            "num_items": len(rows),
-        }
         if self.hparams.output_dir and self.global_rank == 0 and not self.trainer.sanity_checking:
             out = Path(self.hparams.output_dir)
             io.write_json(out / f"metrics_{stage}.json", self.results)
