@@ -29,6 +29,7 @@ def evaluate(model: str, world: Path, task: str, limit: int | None) -> dict:
         split="test",
         limit=limit,
         batch_size=50,
+        toy_world={"dir": str(world)},  # generated on first use
     )
     module = EvalModule(model=model, task=task)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)

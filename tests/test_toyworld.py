@@ -89,6 +89,7 @@ def test_records_look_like_the_real_format(world: Path) -> None:
         if record["ocr"] is not None:
             x, y, w, h = record["ocr"]["bbox"]
             assert record["ocr"]["text"] in WORDS and 0 < x and x + w < size and 0 < y and y + h < size
+            assert x % (size // 8) == 0 and y % (size // 8) == 0  # plates on the patch grid (toyworld._place_plate)
             plate = img.convert("L").crop((x, y, x + w, y + h))
             assert plate.getextrema()[1] - plate.getextrema()[0] > 150  # the word is drawn: ink on plate
 

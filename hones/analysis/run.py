@@ -50,6 +50,7 @@ from hones.analysis.overlap import (
 )
 from hones.analysis.report import AnalysisReport
 from hones.attribution.bank import BankEntry, bank_to_layer_dict, read_bank
+from hones.attribution.settings import make_datamodule
 
 logger = logging.getLogger("hones.analysis")
 
@@ -132,20 +133,8 @@ def load_banks(paths: dict[str, Path], num_layers: int, ffn_width: int) -> dict[
 # -- data -----------------------------------------------------------------------------------
 def split_datamodule(adapter: Any, task: str, data: DataConfig) -> Any:
     """A set-up ``HonesDataModule`` of ``task`` on ``data``'s split, encoding with the adapter."""
-    from hones.data.datamodule import HonesDataModule
-
-    module = HonesDataModule(
-        dataset=data.dataset,
-        annotation_file=data.annotation_file,
-        task=task,
-        split=data.split,
-        image_root=data.image_root,
-        split_file=data.split_file,
-        limit=data.task_limits.get(task, data.limit),
-        seed=data.seed,
-        batch_size=data.batch_size,
-        n_neg=data.n_neg,
-    )
+    limit = data.task_limits.get(task, data.limit)
+    module = make_datamodule(data, task, data.split, split_file=data.split_file, limit=limit, n_neg=data.n_neg)
     module.setup("test")
     module.set_encoder(adapter.encode)
     return module

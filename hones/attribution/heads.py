@@ -142,6 +142,22 @@ def row_head_list(chunk: Sequence[Head], num_items: int) -> list[Head]:
     return [head for _ in range(num_items) for head in chunk]
 
 
+def intervened_chunks(
+    adapter: Any, batch: Mapping[str, Any], heads: Sequence[Head], rows_per_forward: int
+) -> Iterator[tuple[int, list[Head]]]:
+    """``heads_by_layer`` chunks sized to ``rows_per_forward``, each yielded inside its intervention.
+
+    While the caller handles ``(layer, chunk)``, ``mean_replace_heads`` is active with
+    ``row_heads`` for ``batch`` replicated ``len(chunk)`` times (row i·k + j: item i, head
+    chunk[j]), so the caller's forwards of that replicated batch (or of a rerun from
+    layer ``layer``) see one head intervened per row (speed-up 2).
+    """
+    size = batch_size(batch)
+    for layer, chunk in heads_by_layer(heads, max(1, rows_per_forward // size)):
+        with mean_replace_heads(adapter, row_heads=row_head_list(chunk, size)):
+            yield layer, chunk
+
+
 # -- teacher-forced utility --------------------------------------------------------------
 def _margin_signs(batch: Mapping[str, Any], rows: int, device: torch.device) -> Tensor:
     items = batch.get("items") or []
@@ -236,7 +252,6 @@ def teacher_forced_head_utilities(
     Returns ``(baseline [b], intervened [n, b])``, rows of ``intervened`` in ``heads`` order.
     """
     size = batch_size(batch)
-    per_chunk = max(1, rows_per_forward // size)
     meta = _metadata(batch)
     layers = sorted({int(l) for l, _ in heads})
     with capture_layer_inputs(adapter, layers=layers if rerun else []) as record:
@@ -244,13 +259,12 @@ def teacher_forced_head_utilities(
     baseline = teacher_forced_utility(adapter, hidden, meta, task)
     position = {(int(l), int(h)): k for k, (l, h) in enumerate(heads)}
     intervened = torch.empty(len(heads), size, device=baseline.device, dtype=baseline.dtype)
-    for layer, chunk in heads_by_layer(heads, per_chunk):
+    for layer, chunk in intervened_chunks(adapter, batch, heads, rows_per_forward):
         repeats = len(chunk)
-        with mean_replace_heads(adapter, row_heads=row_head_list(chunk, size)):
-            if rerun:
-                hidden = run_layers_from(adapter, record, layer, repeats=repeats)
-            else:
-                hidden = base_hidden_states(adapter, replicate_batch(batch, repeats))
+        if rerun:
+            hidden = run_layers_from(adapter, record, layer, repeats=repeats)
+        else:
+            hidden = base_hidden_states(adapter, replicate_batch(batch, repeats))
         values = teacher_forced_utility(adapter, hidden, replicate_batch(meta, repeats), task)
         values = values.view(size, repeats).T  # [heads in chunk, items]
         for k, head in enumerate(chunk):
@@ -288,8 +302,6 @@ def metric_head_rows(
     ``row_heads`` (speed-ups 1, 2). Retrieval: the Yes−No margin at the next token, from
     the rerun of layers ≥ l when ``rerun`` (speed-up 3).
     """
-    size = batch_size(batch)
-    per_chunk = max(1, rows_per_forward // size)
     out: dict[Head | None, list[dict[str, Any]]] = {}
     retrieval = scorer.task == "retrieval"
     record = None
@@ -301,19 +313,18 @@ def metric_head_rows(
         out[None] = _metric_rows(scorer, adapter, batch, margins)
     else:
         out[None] = _metric_rows(scorer, adapter, batch, None)
-    for layer, chunk in heads_by_layer(heads, per_chunk):
+    for layer, chunk in intervened_chunks(adapter, batch, heads, rows_per_forward):
         repeats = len(chunk)
         replicated = replicate_batch(batch, repeats)
-        with mean_replace_heads(adapter, row_heads=row_head_list(chunk, size)):
-            if retrieval and rerun:
-                hidden = run_layers_from(adapter, record, layer, repeats=repeats)
-            elif retrieval:
-                hidden = base_hidden_states(adapter, replicated)
-            if retrieval:
-                logits = output_logits(adapter, _prompt_last_hidden(hidden, replicated))
-                rows = _metric_rows(scorer, adapter, replicated, yes_no_margin(adapter, logits))
-            else:
-                rows = _metric_rows(scorer, adapter, replicated, None)
+        if retrieval and rerun:
+            hidden = run_layers_from(adapter, record, layer, repeats=repeats)
+        elif retrieval:
+            hidden = base_hidden_states(adapter, replicated)
+        if retrieval:
+            logits = output_logits(adapter, _prompt_last_hidden(hidden, replicated))
+            rows = _metric_rows(scorer, adapter, replicated, yes_no_margin(adapter, logits))
+        else:
+            rows = _metric_rows(scorer, adapter, replicated, None)
         for k, head in enumerate(chunk):
             out[head] = rows[k::repeats]
     return out

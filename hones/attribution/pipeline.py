@@ -57,6 +57,7 @@ from hones.attribution.settings import (
     AnalyzeConfig,
     SplitSettings,
     heads_retrieval_negatives,
+    make_datamodule,
     model_identity,
     stage_fingerprint,
 )
@@ -146,25 +147,14 @@ def build_datamodule(
     image, labelled for NDCG (§1); without, the positive with target "Yes" (§3) plus that
     many of the hard negatives, sampled, with target "No".
     """
-    from hones.data.datamodule import HonesDataModule
-
-    data = config.data
     ranking = split.split != "discovery" if ranking is None else ranking
     negatives = split.retrieval_negatives if retrieval_negatives is None else int(retrieval_negatives)
-    module = HonesDataModule(
-        dataset=data.dataset,
-        annotation_file=data.annotation_file,
-        task=task,
-        split=split.split,
-        image_root=data.image_root,
+    module = make_datamodule(
+        config.data,
+        task,
+        split.split,
         split_file=split.split_file,
         limit=split.limit,
-        seed=data.seed,
-        batch_size=data.batch_size,
-        num_workers=data.num_workers,
-        lenient=data.lenient,
-        cache_dir=data.cache_dir,
-        toy_world=data.toy_world,
         training=not ranking,
         with_targets=with_targets,
         n_neg=negatives if ranking else (N_NEGATIVES if negatives else 1),  # positives only: no pool to rank

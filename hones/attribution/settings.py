@@ -19,7 +19,10 @@ import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hones.data.datamodule import HonesDataModule
 
 TASKS = ("vqa", "ocr", "caption", "retrieval")
 # neuron selections compared by masking (§4): HONES, the baselines, and the AP/MA/APE selections
@@ -51,6 +54,34 @@ class DataSettings:
     lenient: bool = False
     cache_dir: str | None = None
     toy_world: dict[str, Any] | None = None
+
+
+# HonesDataModule arguments a data-settings object gives when it has them (DataSettings: all).
+DATA_MODULE_FIELDS = (
+    "dataset",
+    "annotation_file",
+    "image_root",
+    "seed",
+    "batch_size",
+    "num_workers",
+    "lenient",
+    "cache_dir",
+    "toy_world",
+)
+
+
+def make_datamodule(data: Any, task: str, split: str, **arguments: Any) -> HonesDataModule:
+    """A ``HonesDataModule`` of ``task`` on ``split`` (not set up) from a data-settings object.
+
+    ``data`` (a ``DataSettings``, or another settings object such as the analysis
+    ``DataConfig``) gives those of ``DATA_MODULE_FIELDS`` it has; the module's defaults
+    stand for the others. ``arguments`` are the remaining ``HonesDataModule`` arguments
+    (split_file, limit, n_neg, ...).
+    """
+    from hones.data.datamodule import HonesDataModule
+
+    shared = {name: getattr(data, name) for name in DATA_MODULE_FIELDS if hasattr(data, name)}
+    return HonesDataModule(**shared, task=task, split=split, **arguments)
 
 
 @dataclass

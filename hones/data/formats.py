@@ -476,6 +476,41 @@ def _coco_ocr(raw: dict[str, Any], item: _Item, size: tuple[int, int] | None) ->
     return OCRAnnotation(item.text(ocr.get("text"), "ocr.text"), item.bbox(ocr.get("bbox"), "ocr.bbox", size))
 
 
+def _load_questions(
+    source: str,
+    path: Path,
+    rows: Iterable[tuple[int, str, Any, str | None]],
+    parse_question: Callable[[dict[str, Any], _Item], tuple[str, QAPair]],
+    image_root: PathLike | None,
+    *,
+    verify_images: bool,
+    **options: Any,
+) -> list[SourceRecord]:
+    """``_collect`` for a per-question source (GQA, TextVQA): one record per question.
+
+    ``parse_question`` validates a row into (image id, its ``QAPair``); the record's
+    image is the id's stem under ``image_root``. ``options``: the other ``_collect``
+    arguments (split_file, limit, seed, lenient, skips).
+    """
+
+    def parse(raw: dict[str, Any], item: _Item) -> tuple[SourceRecord, list[str]]:
+        image_id, qa = parse_question(raw, item)
+        candidates = _stem_candidates(image_root, image_id)
+        record = SourceRecord(source, str(path), image_id, candidates[0], per_question=True)
+        record.qa = qa
+        return record, candidates
+
+    return _collect(
+        path,
+        rows,
+        parse,
+        check_images=image_root is not None or verify_images,
+        verify_images=verify_images,
+        unique_key=lambda record: record.key,
+        **options,
+    )
+
+
 def load_gqa(
     path: PathLike,
     image_root: PathLike | None = None,
@@ -493,28 +528,16 @@ def load_gqa(
     if not isinstance(data, dict):
         raise DataError(path, f"a GQA questions file is a JSON object keyed by question id, got {type(data).__name__}")
 
-    def parse(raw: dict[str, Any], item: _Item) -> tuple[SourceRecord, list[str]]:
-        qid = str(item.key)
+    def parse_question(raw: dict[str, Any], item: _Item) -> tuple[str, QAPair]:
         image_id = item.set_image_id(raw.get("imageId"), "imageId")
         question = item.text(raw.get("question"), "question")
         answer = item.text(raw.get("answer"), "answer")
-        candidates = _stem_candidates(image_root, image_id)
-        record = SourceRecord("gqa", str(path), image_id, candidates[0], per_question=True)
-        record.qa = QAPair(qid, question, answer, [answer])
-        return record, candidates
+        return image_id, QAPair(str(item.key), question, answer, [answer])
 
-    return _collect(
-        path,
-        ((i, f"qid={qid}", row, qid) for i, (qid, row) in enumerate(data.items())),
-        parse,
-        split_file=split_file,
-        limit=limit,
-        seed=seed,
-        lenient=lenient,
-        check_images=image_root is not None or verify_images,
-        verify_images=verify_images,
-        skips=skips,
-        unique_key=lambda record: record.key,
+    labelled = ((i, f"qid={qid}", row, qid) for i, (qid, row) in enumerate(data.items()))
+    return _load_questions(
+        "gqa", path, labelled, parse_question, image_root,
+        split_file=split_file, limit=limit, seed=seed, lenient=lenient, verify_images=verify_images, skips=skips,
     )
 
 
@@ -534,29 +557,18 @@ def load_textvqa(
     path = Path(path)
     rows = read_json_rows(path, "data", cache_dir)
 
-    def parse(raw: dict[str, Any], item: _Item) -> tuple[SourceRecord, list[str]]:
+    def parse_question(raw: dict[str, Any], item: _Item) -> tuple[str, QAPair]:
         question_id = item.identifier(raw.get("question_id"), "question_id")
         item.label = f"{item.label} question_id={question_id}"
         image_id = item.set_image_id(raw.get("image_id"), "image_id")
         question = item.text(raw.get("question"), "question")
         answers = item.texts(raw.get("answers"), "answers")
-        candidates = _stem_candidates(image_root, image_id)
-        record = SourceRecord("textvqa", str(path), image_id, candidates[0], per_question=True)
-        record.qa = QAPair(question_id, question, majority_answer(answers), answers)
-        return record, candidates
+        return image_id, QAPair(question_id, question, majority_answer(answers), answers)
 
-    return _collect(
-        path,
-        ((i, f"#{i}", row, None) for i, row in enumerate(rows)),
-        parse,
-        split_file=split_file,
-        limit=limit,
-        seed=seed,
-        lenient=lenient,
-        check_images=image_root is not None or verify_images,
-        verify_images=verify_images,
-        skips=skips,
-        unique_key=lambda record: record.key,
+    labelled = ((i, f"#{i}", row, None) for i, row in enumerate(rows))
+    return _load_questions(
+        "textvqa", path, labelled, parse_question, image_root,
+        split_file=split_file, limit=limit, seed=seed, lenient=lenient, verify_images=verify_images, skips=skips,
     )
 
 

@@ -173,6 +173,51 @@ def _seeded_model(model_class: type[PreTrainedModel], config: Any, seed: int) ->
     return model.eval()
 
 
+def _prepare_build(
+    arch: str,
+    tokenizer: PreTrainedTokenizerFast | None,
+    image_size: int,
+    unit: int,
+    unit_name: str,
+    head_dim: int | None = None,
+) -> PreTrainedTokenizerFast:
+    """Validate a builder's sizes and return its tokenizer (None: one trained for `arch` on `DEFAULT_CORPUS`).
+
+    `image_size` must be a multiple of `unit` (the pixels per image-token side, named
+    `unit_name` in the error); `head_dim`, when given, must be even (rotary embeddings).
+    """
+    if image_size % unit:
+        raise ValueError(f"image_size {image_size} is not a multiple of {unit_name}")
+    if head_dim is not None and head_dim % 2:
+        raise ValueError(f"head_dim {head_dim} must be even for rotary embeddings")
+    return tokenizer if tokenizer is not None else train_tokenizer(arch=arch)
+
+
+def _text_config_fields(
+    tokenizer: PreTrainedTokenizerFast,
+    hidden_size: int,
+    intermediate_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int | None,
+    max_position_embeddings: int,
+    initializer_range: float,
+) -> dict[str, Any]:
+    """The language-model config fields both builders share (`num_kv_heads` None: `num_heads`, no GQA)."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads or num_heads,
+        "max_position_embeddings": max_position_embeddings,
+        "initializer_range": initializer_range,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
 def build_tiny_llava(
     tokenizer: PreTrainedTokenizerFast | None = None,
     image_size: int = 64,
@@ -195,9 +240,7 @@ def build_tiny_llava(
     The image becomes (image_size / patch_size)^2 tokens (CLS dropped, "default" strategy).
     `tokenizer` None trains one on `DEFAULT_CORPUS`.
     """
-    if image_size % patch_size:
-        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-    tokenizer = tokenizer if tokenizer is not None else train_tokenizer(arch="llava")
+    tokenizer = _prepare_build("llava", tokenizer, image_size, patch_size, f"patch_size {patch_size}")
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     vision_config = CLIPVisionConfig(
         hidden_size=vision_hidden,
@@ -209,20 +252,11 @@ def build_tiny_llava(
         projection_dim=vision_hidden,
         initializer_range=initializer_range,
     )
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads or num_heads,
-        max_position_embeddings=max_position_embeddings,
-        initializer_range=initializer_range,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+    text_fields = _text_config_fields(
+        tokenizer, hidden_size, intermediate_size, num_layers, num_heads,
+        num_kv_heads, max_position_embeddings, initializer_range,
     )
+    text_config = LlamaConfig(**text_fields, bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False)
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -285,12 +319,10 @@ def build_tiny_qwen2_5_vl(
     `tokenizer` None trains one on `DEFAULT_CORPUS`.
     """
     unit = patch_size * merge_size
-    if image_size % unit:
-        raise ValueError(f"image_size {image_size} is not a multiple of patch_size * merge_size = {unit}")
     head_dim = hidden_size // num_heads
-    if head_dim % 2:
-        raise ValueError(f"head_dim {head_dim} must be even for rotary embeddings")
-    tokenizer = tokenizer if tokenizer is not None else train_tokenizer(arch="qwen2_5_vl")
+    tokenizer = _prepare_build(
+        "qwen2_5_vl", tokenizer, image_size, unit, f"patch_size * merge_size = {unit}", head_dim=head_dim
+    )
     token_id = tokenizer.convert_tokens_to_ids
     vision_config = {
         "depth": vision_layers,
@@ -305,23 +337,18 @@ def build_tiny_qwen2_5_vl(
         "fullatt_block_indexes": [vision_layers - 1],
         "initializer_range": initializer_range,
     }
+    text_fields = _text_config_fields(
+        tokenizer, hidden_size, intermediate_size, num_layers, num_heads,
+        num_kv_heads, max_position_embeddings, initializer_range,
+    )
     text_config = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": num_kv_heads or num_heads,
-        "max_position_embeddings": max_position_embeddings,
-        "initializer_range": initializer_range,
+        **text_fields,
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 10000.0,
             "mrope_section": _mrope_section(head_dim),
         },
         "bos_token_id": None,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
     }
     config = Qwen2_5_VLConfig(
         text_config=text_config,

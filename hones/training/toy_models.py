@@ -230,6 +230,8 @@ def save_model_atomically(adapter: Any, output_dir: str | os.PathLike) -> Path:
     tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
     try:
         save_pretrained(adapter.model, adapter.processor, tmp)
+        for file in tmp.iterdir():  # transformers writes its weight shards as 0600
+            file.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Reproduce every toy-model number in the README for one model, from the shipped checkpoint:
+#   bash scripts/toy_results.sh llava          # or qwen2_5_vl
+# 1. test-split scores of the model, 2. attribution + masking on all four tasks (analyze.py all),
+# 3. the cross-task analyses, 4. the steering comparison of every §5 method per task.
+# Each stage resumes or skips finished work when rerun; pass OVERWRITE=1 to recompute.
+set -euo pipefail
+model="${1:?usage: bash scripts/toy_results.sh llava|qwen2_5_vl}"
+case "$model" in llava|qwen2_5_vl) ;; *) echo "unknown model '$model' (llava or qwen2_5_vl)" >&2; exit 2;; esac
+py="${PYTHON:-.venv/bin/python}"
+overwrite=$([ "${OVERWRITE:-0}" = 1 ] && echo true || echo false)
+cd "$(dirname "$0")/.."
+"$py" scripts/eval_toy_models.py --models "models/toy-$model" --out "runs/toy_eval/toy-$model"
+"$py" analyze.py all --config "configs/analyze/toy_$model.yaml" --overwrite "$overwrite"
+"$py" analyze.py table --runs "runs/analyze/toy-$model"
+"$py" -m hones.analysis.run --config "configs/analysis/toy_$model.yaml"
+for task in vqa ocr caption retrieval; do
+  "$py" train.py compare --config "configs/steering/toy_${model}_${task}.yaml"
+done
