@@ -24,17 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {"llava": ROOT / "models" / "toy-llava", "qwen2_5_vl": ROOT / "models" / "toy-qwen2_5_vl"}
 THRESHOLDS = {"vqa": 0.6, "ocr": 0.5, "caption": 0.25, "retrieval": 0.6}
 TEST_IMAGES = 60
-# Where the shipped models are still below the bar (README, "Toy models"). Strict: the day a
-# rebuild clears one of these, the test fails until the entry is removed.
-BELOW_THRESHOLD = {("llava", "vqa"), ("llava", "ocr"), ("qwen2_5_vl", "ocr"),
-                   ("llava", "retrieval"), ("qwen2_5_vl", "retrieval")}  # fmt: skip
-SHIPPED_CASES = [
-    pytest.param(arch, task, id=f"{arch}-{task}",
-                 marks=[pytest.mark.xfail(strict=True, reason="shipped toy model below threshold (README)")]
-                 if (arch, task) in BELOW_THRESHOLD else [])  # fmt: skip
-    for arch in ("llava", "qwen2_5_vl")
-    for task in ("vqa", "ocr", "caption", "retrieval")
-]
+SHIPPED_CASES = [(arch, task) for arch in ("llava", "qwen2_5_vl") for task in ("vqa", "ocr", "caption", "retrieval")]
 
 
 @pytest.fixture(scope="module")
