@@ -74,7 +74,24 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
     from safetensors.torch import save
 
     payload = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    return _atomic_write_bytes(path, save(payload, metadata=dict(metadata) if metadata else None))
+    return _atomic_write_bytes(path, _sorted_metadata(save(payload, metadata=dict(metadata) if metadata else None)))
+
+
+def _sorted_metadata(blob: bytes) -> bytes:
+    """``blob`` (a safetensors file) with its ``__metadata__`` keys in sorted order.
+
+    The safetensors library keeps metadata in a hash map, so its key order, and with it the
+    file's bytes, changes from process to process; a seeded run must give identical files.
+    The tensor entries and data are unchanged; the header is re-padded to 8 bytes.
+    """
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    if "__metadata__" not in header:
+        return blob
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + size :]
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
