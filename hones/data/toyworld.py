@@ -204,7 +204,8 @@ def _place_plate(rng: random.Random, scene: Scene, word: str, font_scale: float)
     grid = size // PLATE_GRID_CELLS
     # the plate's corner lies on a grid of size/8 px: the toy models' 8-px patches then see
     # each word drawn the same way wherever it is, which is what lets a tiny ViT trained
-    # for minutes learn to read (off-grid words stay at chance after 600 OCR-only steps)
+    # for minutes learn to read (scripts/ocr_probe.py: at 300 OCR-only steps the dev loss
+    # is 0.48 on the grid and has levelled off at 1.24 off it; chance is 1.84)
     xs = [x for x in range(0, size - w - margin + 1, grid) if x >= margin] or [margin]
     ys = [y for y in range(0, size - h - margin + 1, grid) if y >= margin] or [margin]
     x, y = rng.choice(xs), rng.choice(ys)
