@@ -1,8 +1,14 @@
-"""Attribution throughput and memory on CPU: the optimised paths vs the straightforward loop.
+"""Attribution throughput and memory on CPU or one GPU: the optimised paths vs the straightforward loop.
 
     python benchmarks/bench_attribution.py                         # toy model, 32 items; memory 200 vs 2000
     python benchmarks/bench_attribution.py --items 16 --memory-items 100 1000   # quicker
     python benchmarks/bench_attribution.py --model models/toy-qwen2_5_vl
+    python benchmarks/bench_attribution.py --device cuda           # the same comparison on a GPU
+    python benchmarks/bench_attribution.py --device auto           # cuda if available, else cpu
+
+``--device`` (cpu | cuda | auto) puts the model, and so every path (optimised and
+straightforward) and the memory worker, on that device; on cuda the clock is read after
+``torch.cuda.synchronize()``.
 
 Heads stage (HONES_METHOD §2, teacher-forced utility, every head of every layer):
 - optimised: ``HeadLocalizer`` — batched items, several head interventions per forward
@@ -20,13 +26,25 @@ decoder-layer passes per item of each path (the exact savings alone; the rest is
 Also reported: the heads stage with the paper's utility (greedy generation scored by VQA
 accuracy): batched ``row_heads`` generation vs one generation per item and head.
 
+Counted FLOPs: per stage, one extra untimed call of each path on the first ``--batch-size``
+items under ``torch.utils.flop_counter.FlopCounterMode`` gives GFLOP per item of both paths,
+their ratio (the work the exact savings remove; compare the decoder-layer pass ratio), and
+the achieved GFLOP/s (GFLOP per item x items/s of the timed runs, which run without the
+counter). The counter sees matmuls and convolutions, and the fused attention kernels that
+CUDA runs (flash / efficient / cudnn SDPA); not elementwise ops, norms or indexing, and not
+torch's CPU SDPA kernel (``_scaled_dot_product_flash_attention_for_cpu``: on CPU attention's
+QK^T and AV are left out). The figures are thus the dense-algebra work: equal achieved
+GFLOP/s on both paths means the speed-up is the FLOP ratio alone; a higher one on the
+optimised path means batching raised the arithmetic rate.
+
 Memory: neuron scoring over N synthetic items streamed in batches, each N in a fresh
 process. Reported: peak resident set size (``resource.getrusage(...).ru_maxrss``: every byte
 the process touched, torch's CPU allocator included), its growth over the same process after
 one warm-up batch, the accumulator state (torchmetrics sum states: fixed ``[K, L, I]`` etc.),
 and the Python-heap peak from ``tracemalloc`` (Python objects only: catches per-item lists;
-torch storage is not allocated through Python's allocator). Target: peak RSS for 2000 items
-within 10 % of that for 200 items.
+torch storage is not allocated through Python's allocator); on cuda also the peak of
+``torch.cuda.max_memory_allocated()`` (RSS says nothing about GPU memory). Target: peak RSS
+(and, on cuda, peak GPU memory) for 2000 items within 10 % of that for 200 items.
 """
 
 from __future__ import annotations
@@ -46,6 +64,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torch.utils.flop_counter import FlopCounterMode
 
 from hones.attribution.batches import encode_items
 from hones.attribution.heads import HeadLocalizer, HeadScores, teacher_forced_head_utilities, teacher_forced_utility_from_logits
@@ -68,16 +87,31 @@ COLORS = ((220, 40, 40), (40, 90, 220), (40, 170, 60), (240, 200, 40), (250, 250
 
 
 # -- inputs ------------------------------------------------------------------------------------
-def load_model(spec: str) -> Any:
-    """The adapter of a model directory, or a random tiny LLaVA (``tiny`` / directory absent)."""
+def resolve_device(name: str) -> str:
+    """``cpu`` | ``cuda`` | ``auto`` (cuda if available, else cpu) -> the device to run on."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA device (torch {torch.__version__}); use --device cpu or auto")
+    return name
+
+
+def is_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def load_model(spec: str, device: str = "cpu") -> Any:
+    """The adapter of a model directory, or a random tiny LLaVA (``tiny`` / directory absent), on ``device``."""
     from hones.models import build_tiny_llava, load_adapter, wrap_model
 
     if spec != "tiny" and Path(spec).is_dir():
-        return load_adapter(spec)
+        return load_adapter(spec, device=device)
     if spec not in ("tiny", DEFAULT_MODEL):
         raise FileNotFoundError(f"{spec}: no such model directory")
     print(f"# {DEFAULT_MODEL} not found: random-weight tiny LLaVA of the same architecture", file=sys.stderr)
-    return wrap_model(*build_tiny_llava(seed=0), name="tiny-llava")
+    adapter = wrap_model(*build_tiny_llava(seed=0), name="tiny-llava")
+    adapter.model.to(device)  # the adapter has no .to(); its .device follows the wrapped model's weights
+    return adapter
 
 
 def synthetic_items(count: int, seed: int = 0, size: int = 64) -> Iterator[TaskItem]:
@@ -109,10 +143,44 @@ def chunks(items: Sequence[T] | Iterator[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
-def timed(function: Callable[[], T]) -> tuple[T, float]:
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued CUDA kernels (no-op on CPU), so that the clock covers the work."""
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
+
+
+def timed(function: Callable[[], T], device: str | torch.device = "cpu") -> tuple[T, float]:
+    synchronize(device)
     start = time.perf_counter()
     result = function()
+    synchronize(device)
     return result, time.perf_counter() - start
+
+
+def counted_flops(function: Callable[[], Any], count: int) -> float:
+    """FLOPs per item of one untimed call of ``function`` over ``count`` items.
+
+    ``FlopCounterMode`` counts only the ops it has formulas for: matmuls (mm, bmm, addmm,
+    baddbmm), convolutions and the CUDA fused scaled-dot-product-attention kernels (flash,
+    efficient, cudnn). Elementwise ops (activations, residual adds, the mean replacement),
+    norms, softmax, indexing and reductions are not counted, nor is torch's CPU SDPA kernel
+    (``_scaled_dot_product_flash_attention_for_cpu`` has no formula), so on CPU attention's
+    QK^T / AV products are missing (small next to the projections at ~100 tokens). Its
+    dispatch hooks slow every op, so it never wraps a timed run.
+    """
+    with FlopCounterMode(display=False) as counter:
+        function()
+    return counter.get_total_flops() / max(count, 1)
+
+
+def flops_line(plain_per_item: float, fast_per_item: float, plain_rate: float, fast_rate: float) -> str:
+    """``counted GFLOP per item: ...; achieved GFLOP/s: ...`` (rates in items/s from the timed runs)."""
+    g_plain, g_fast = plain_per_item / 1e9, fast_per_item / 1e9
+    ratio = f"{g_plain / g_fast:.2f}x fewer" if g_fast > 0 else "n/a"
+    return (
+        f"counted GFLOP per item: straightforward {g_plain:.3f}, optimised {g_fast:.3f} (ratio {ratio}); "
+        f"achieved GFLOP/s: {g_plain * plain_rate:.2f} vs {g_fast * fast_rate:.2f}"
+    )
 
 
 # -- heads stage -------------------------------------------------------------------------------
@@ -243,7 +311,10 @@ def peak_rss_mib() -> float:
 def memory_worker(args: argparse.Namespace) -> None:
     """Neuron scoring over ``args.memory_worker`` streamed items; prints one JSON line."""
     torch.set_num_threads(args.threads)
-    adapter = load_model(args.model)
+    device = resolve_device(args.device)
+    adapter = load_model(args.model, device)
+    if is_cuda(device):
+        torch.cuda.reset_peak_memory_stats(device)
     heads = [(l, h) for l in range(adapter.num_layers) for h in range(min(2, adapter.num_heads))][: args.top_k]
     deltas = [1.0] * len(heads)
     marks: dict[str, float] = {}
@@ -256,7 +327,8 @@ def memory_worker(args: argparse.Namespace) -> None:
     (attributor, importance), seconds = timed(
         lambda: neurons_optimised(
             adapter, synthetic_items(args.memory_worker, seed=1), heads, deltas, args.batch_size, args.rows_per_forward, after_batch
-        )
+        ),
+        device,
     )
     _, python_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -266,11 +338,12 @@ def memory_worker(args: argparse.Namespace) -> None:
         for metric in attributor.modules() if hasattr(metric, "_defaults")
         for value in (getattr(metric, name) for name in metric._defaults) if isinstance(value, torch.Tensor)
     )
+    extra = {"cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20} if is_cuda(device) else {}
     print(json.dumps({
         "items": args.memory_worker, "seconds": seconds, "num_items_seen": int(attributor.item_count.compute()),
         "peak_rss_mib": peak_rss_mib(), "rss_after_first_batch_mib": marks.get("after_first_batch", float("nan")),
         "state_mib": state_bytes / 2**20, "python_heap_peak_mib": python_peak / 2**20,
-        "importance_finite": bool(torch.isfinite(importance).all()),
+        "importance_finite": bool(torch.isfinite(importance).all()), **extra,
     }))  # fmt: skip
 
 
@@ -278,7 +351,8 @@ def measure_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for count in args.memory_items:
         command = [sys.executable, __file__, "--memory-worker", str(count), "--model", args.model, "--threads", str(args.threads),
-                   "--batch-size", str(args.batch_size), "--rows-per-forward", str(args.rows_per_forward), "--top-k", str(args.top_k)]  # fmt: skip
+                   "--device", args.device, "--batch-size", str(args.batch_size), "--rows-per-forward", str(args.rows_per_forward),
+                   "--top-k", str(args.top_k)]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"memory worker for {count} items failed:\n{done.stderr[-3000:]}")
@@ -297,31 +371,43 @@ def layer_passes(num_layers: int, heads: Sequence[tuple[int, int]]) -> tuple[int
 
 
 # -- report ------------------------------------------------------------------------------------
-def machine_line(threads: int) -> str:
+def machine_line(threads: int, device: str = "cpu") -> str:
     load = os.getloadavg()
+    where = f"device {device}"
+    if is_cuda(device):
+        where = f"device {device} ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})"
     return (
-        f"# machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} intra-op thread(s), "
+        f"# machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {where}, {threads} intra-op thread(s), "
         f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min)"
     )
 
 
 def report_speed(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    adapter = load_model(args.model)
+    device = args.device
+    adapter = load_model(args.model, device)
     items = list(synthetic_items(args.items))
     n_heads = adapter.num_layers * adapter.num_heads
-    print(f"# model: {adapter.name or args.model} ({adapter.num_layers} layers x {adapter.num_heads} heads, FFN {adapter.ffn_width})")
+    print(f"# model: {adapter.name or args.model} ({adapter.num_layers} layers x {adapter.num_heads} heads, "
+          f"FFN {adapter.ffn_width}) on {adapter.device}")
     print(f"# {args.items} vqa items, batch {args.batch_size}, rows_per_forward {args.rows_per_forward}; teacher-forced utility")
     warm = items[: min(2, len(items))]
+    flop_items = items[: max(1, min(args.batch_size, len(items)))]  # one batch: the counted (untimed) calls
     heads_optimised(adapter, warm, args.batch_size, args.rows_per_forward)  # warm-up (allocator, kernels)
     heads_plain(adapter, warm[:1])
 
-    scores, t_fast = timed(lambda: heads_optimised(adapter, items, args.batch_size, args.rows_per_forward))
-    delta_mid, t_mid = timed(lambda: heads_batched_full_forward(adapter, items, args.batch_size, args.rows_per_forward))
-    delta_plain, t_plain = timed(lambda: heads_plain(adapter, items))
-    error_fast = float((scores.delta - delta_plain).abs().max())
+    # Outputs are compared on the CPU: the straightforward paths accumulate there in float64,
+    # the optimised ones keep their sums on the model's device.
+    scores, t_fast = timed(lambda: heads_optimised(adapter, items, args.batch_size, args.rows_per_forward), device)
+    delta_mid, t_mid = timed(lambda: heads_batched_full_forward(adapter, items, args.batch_size, args.rows_per_forward), device)
+    delta_plain, t_plain = timed(lambda: heads_plain(adapter, items), device)
+    delta_fast = scores.delta.detach().double().cpu()
+    delta_mid = delta_mid.double().cpu()
+    error_fast = float((delta_fast - delta_plain).abs().max())
     error_mid = float((delta_mid - delta_plain).abs().max())
-    same = torch.allclose(scores.delta, delta_plain, atol=1e-4, rtol=0) and torch.allclose(delta_mid, delta_plain, atol=1e-4, rtol=0)
+    same = torch.allclose(delta_fast, delta_plain, atol=1e-4, rtol=0) and torch.allclose(delta_mid, delta_plain, atol=1e-4, rtol=0)
+    flops_fast = counted_flops(lambda: heads_optimised(adapter, flop_items, args.batch_size, args.rows_per_forward), len(flop_items))
+    flops_plain = counted_flops(lambda: heads_plain(adapter, flop_items), len(flop_items))
     print(f"\n## heads stage: {n_heads} heads per item")
     print(f"{'path':52s} {'items/s':>9s} {'speed-up':>9s} {'max |ΔΔ|':>10s}")
     print(f"{'straightforward (batch 1, 1 head, full forward)':52s} {args.items / t_plain:9.2f} {1.0:8.1f}x {0.0:10.1e}")
@@ -331,30 +417,47 @@ def report_speed(args: argparse.Namespace) -> None:
     plain_passes, fast_passes = layer_passes(adapter.num_layers, all_heads(adapter))
     print(f"decoder-layer passes per item: {plain_passes} vs {fast_passes} ({plain_passes / fast_passes:.1f}x fewer; "
           f"vision tower 1 vs {1 + n_heads} passes); the rest of the speed-up is batching")
+    print(flops_line(flops_plain, flops_fast, args.items / t_plain, args.items / t_fast) + f" ({len(flop_items)} items counted)")
 
     if args.metric_items > 0:
         metric_items = items[: args.metric_items]
+        metric_flop_items = metric_items[: max(1, min(args.batch_size, len(metric_items)))]
         heads_metric_optimised(adapter, warm, args.batch_size, args.rows_per_forward, args.max_new_tokens)
         metric_scores, t_fast = timed(
-            lambda: heads_metric_optimised(adapter, metric_items, args.batch_size, args.rows_per_forward, args.max_new_tokens)
+            lambda: heads_metric_optimised(adapter, metric_items, args.batch_size, args.rows_per_forward, args.max_new_tokens), device
         )
-        metric_plain, t_plain = timed(lambda: heads_metric_plain(adapter, metric_items, args.max_new_tokens))
-        error = float((metric_scores.delta - metric_plain).abs().max())
+        metric_plain, t_plain = timed(lambda: heads_metric_plain(adapter, metric_items, args.max_new_tokens), device)
+        metric_fast = metric_scores.delta.detach().double().cpu()
+        error = float((metric_fast - metric_plain).abs().max())
+        flops_fast = counted_flops(
+            lambda: heads_metric_optimised(adapter, metric_flop_items, args.batch_size, args.rows_per_forward, args.max_new_tokens),
+            len(metric_flop_items),
+        )
+        flops_plain = counted_flops(lambda: heads_metric_plain(adapter, metric_flop_items, args.max_new_tokens), len(metric_flop_items))
         n = len(metric_items)
         print(f"\n## heads stage, the paper's utility (VQA accuracy of greedy generations, <= {args.max_new_tokens} tokens), {n} items")
         print(f"{'path':52s} {'items/s':>9s} {'speed-up':>9s} {'max |ΔΔ|':>10s}")
         print(f"{'straightforward (batch 1, 1 head, generate)':52s} {n / t_plain:9.2f} {1.0:8.1f}x {0.0:10.1e}")
         print(f"{'optimised (batched, row_heads generation, sums)':52s} {n / t_fast:9.2f} {t_plain / t_fast:8.1f}x {error:10.1e}")
-        print(f"outputs allclose (atol 1e-6): {torch.allclose(metric_scores.delta, metric_plain, atol=1e-6, rtol=0)}")
+        print(f"outputs allclose (atol 1e-6): {torch.allclose(metric_fast, metric_plain, atol=1e-6, rtol=0)}")
+        print(flops_line(flops_plain, flops_fast, n / t_plain, n / t_fast) + f" ({len(metric_flop_items)} items counted)")
 
     top = scores.top_heads(args.top_k)
     deltas = [max(float(scores.delta[h]), 1e-3) for h in top]  # Δ > 0 so every head of H* counts
     neurons_optimised(adapter, warm, top, deltas, args.batch_size, args.rows_per_forward)
-    (_, importance_fast), t_fast = timed(lambda: neurons_optimised(adapter, items, top, deltas, args.batch_size, args.rows_per_forward))
-    importance_plain, t_plain = timed(lambda: neurons_plain(adapter, items, top, deltas))
+    (_, importance_fast), t_fast = timed(
+        lambda: neurons_optimised(adapter, items, top, deltas, args.batch_size, args.rows_per_forward), device
+    )
+    importance_plain, t_plain = timed(lambda: neurons_plain(adapter, items, top, deltas), device)
+    importance_fast = importance_fast.detach().double().cpu()
+    importance_plain = importance_plain.double().cpu()
     scale = float(importance_plain.abs().max()) or 1.0
     error = float((importance_fast - importance_plain).abs().max())
     same = torch.allclose(importance_fast, importance_plain, atol=1e-4 * scale, rtol=0)
+    flops_fast = counted_flops(
+        lambda: neurons_optimised(adapter, flop_items, top, deltas, args.batch_size, args.rows_per_forward), len(flop_items)
+    )
+    flops_plain = counted_flops(lambda: neurons_plain(adapter, flop_items, top, deltas), len(flop_items))
     print(f"\n## neurons stage: |H*| = {len(top)} heads {top}, {adapter.num_layers} x {adapter.ffn_width} neurons")
     print(f"{'path':52s} {'items/s':>9s} {'speed-up':>9s} {'max |ΔImp|':>10s}")
     print(f"{'straightforward (batch 1, 1 + |H*| full forwards)':52s} {args.items / t_plain:9.2f} {1.0:8.1f}x {0.0:10.1e}")
@@ -363,27 +466,37 @@ def report_speed(args: argparse.Namespace) -> None:
     plain_passes, fast_passes = layer_passes(adapter.num_layers, top)
     print(f"decoder-layer passes per item: {plain_passes} vs {fast_passes} ({plain_passes / fast_passes:.1f}x fewer; "
           f"vision tower 1 vs {1 + len(top)} passes); the rest of the speed-up is batching")
+    print(flops_line(flops_plain, flops_fast, args.items / t_plain, args.items / t_fast) + f" ({len(flop_items)} items counted)")
 
 
 def report_memory(args: argparse.Namespace) -> None:
     rows = measure_memory(args)
     print(f"\n## neuron scoring memory (optimised path, |H*| = {args.top_k}, batch {args.batch_size}; one process per row)")
-    print(f"{'items':>6s} {'s':>7s} {'peak RSS MiB':>13s} {'after 1st batch':>16s} {'growth':>8s} {'state MiB':>10s} {'py heap MiB':>12s}")
+    with_cuda = any("cuda_peak_mib" in row for row in rows)  # GPU memory: RSS does not see it
+    print(
+        f"{'items':>6s} {'s':>7s} {'peak RSS MiB':>13s} {'after 1st batch':>16s} {'growth':>8s} {'state MiB':>10s} {'py heap MiB':>12s}"
+        + (f" {'CUDA peak MiB':>14s}" if with_cuda else "")
+    )
     for row in rows:
         growth = row["peak_rss_mib"] - row["rss_after_first_batch_mib"]
         print(
             f"{row['items']:6d} {row['seconds']:7.1f} {row['peak_rss_mib']:13.1f} {row['rss_after_first_batch_mib']:16.1f} "
             f"{growth:8.1f} {row['state_mib']:10.2f} {row['python_heap_peak_mib']:12.2f}"
+            + (f" {row.get('cuda_peak_mib', float('nan')):14.1f}" if with_cuda else "")
         )
     if len(rows) >= 2:
         first, last = rows[0], rows[-1]
         ratio = last["peak_rss_mib"] / first["peak_rss_mib"] - 1.0
         print(f"peak RSS {last['items']} vs {first['items']} items: {100 * ratio:+.1f} % (target < 10 %)")
+        if with_cuda and first.get("cuda_peak_mib") and "cuda_peak_mib" in last:
+            ratio = last["cuda_peak_mib"] / first["cuda_peak_mib"] - 1.0
+            print(f"peak CUDA memory {last['items']} vs {first['items']} items: {100 * ratio:+.1f} % (target < 10 %)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model directory, or 'tiny' (random tiny LLaVA)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda[:N], or auto (cuda if available, else cpu)")
     parser.add_argument("--items", type=int, default=32, help="items for the throughput comparison")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rows-per-forward", type=int, default=64, help="items x heads per forward (optimised)")
@@ -399,10 +512,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    args.device = resolve_device(args.device)
     if args.memory_worker is not None:
         memory_worker(args)
         return
-    print(machine_line(args.threads))
+    print(machine_line(args.threads, args.device))
     if not args.skip_speed:
         report_speed(args)
     if args.memory_items:

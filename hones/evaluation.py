@@ -50,19 +50,6 @@ def gather_objects(local: list[Any]) -> list[Any]:
     return [row for part in gathered for row in (part or [])]
 
 
-def _check_local_model(model: str) -> None:
-    """A clear error for a missing local model directory (rather than a failed hub lookup)."""
-    path = Path(model)
-    local = path.is_absolute() or (bool(path.parts) and path.parts[0] in (".", "..", "models"))
-    if local and not path.is_dir():
-        raise FileNotFoundError(
-            f"{model}: no such model directory. The toy models are built with "
-            "`python -m hones.training.toy_models fit --config configs/toy/pretrain/<llava|qwen2_5_vl>.yaml`; "
-            "or pass --model.model <directory or hub id>"
-        )
-
-
-
 def summarize_epoch(
     metrics: Any, local_rows: list[dict[str, Any]], task: str, model: str, stage: str, headline_mode: str, **extra: Any
 ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, Any]]:
@@ -169,21 +156,9 @@ class EvalModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.adapter is not None:
             return
-        if self._adapter_factory is not None:
-            self.adapter = self._adapter_factory()
-        else:
-            from hones.models import load_adapter
+        from hones.models import load_module_adapter
 
-            _check_local_model(self.hparams.model)
-            # the process's own device (cuda:<local rank> under DDP), not the module's current one
-            device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-            self.adapter = load_adapter(
-                self.hparams.model,
-                dtype=self.hparams.dtype,
-                device=str(device),
-                trust_remote_code=self.hparams.trust_remote_code,
-            )
-        self.adapter.model.eval()
+        self.adapter = load_module_adapter(self, self._adapter_factory)
         self.vlm = self.adapter.model  # registered so Lightning moves it to the device
 
     def setup(self, stage: str) -> None:

@@ -2,7 +2,9 @@
 # Reproduce every toy-model number in the README for one model, from the shipped checkpoint:
 #   bash scripts/toy_results.sh llava          # or qwen2_5_vl
 # 1. test-split scores of the model, 2. attribution + masking on all four tasks (analyze.py all),
-# 3. the cross-task analyses, 4. the steering comparison of every §5 method per task.
+# 3. the cross-task analyses, 4. the steering comparison of every §5 method per task,
+# 5. the same at a 5% budget (70 neurons: attribution, masking, steering on vqa/ocr/caption),
+# 6. HONES against 8 more random draws (scripts/random_spread.py) at both budgets.
 # Each stage resumes or skips finished work when rerun; pass OVERWRITE=1 to recompute.
 set -euo pipefail
 model="${1:?usage: bash scripts/toy_results.sh llava|qwen2_5_vl}"
@@ -16,4 +18,17 @@ cd "$(dirname "$0")/.."
 "$py" -m hones.analysis.run --config "configs/analysis/toy_$model.yaml"
 for task in vqa ocr caption retrieval; do
   "$py" train.py compare --config "configs/steering/toy_${model}_${task}.yaml"
+done
+# 5% budget: same heads, 70 neurons per selection; the §4 baselines (AP/MA/APE stay at 1%)
+five=(--model_name "toy-$model-5pct" --neurons.top_ratio 0.05 --masking.methods "[hones, random, activation, write_in, grad_x_act]")
+"$py" analyze.py all --config "configs/analyze/toy_$model.yaml" "${five[@]}" --overwrite "$overwrite"
+"$py" analyze.py table --runs "runs/analyze/toy-$model-5pct"
+for task in vqa ocr caption; do
+  "$py" train.py compare --config "configs/steering/toy_${model}_${task}.yaml" \
+    --model.bank "runs/analyze/toy-$model-5pct/$task/bank_hones.json" \
+    --model.output_dir "runs/steering/toy-$model-5pct/$task" --compare.output_dir "runs/steering/toy-$model-5pct/$task/compare"
+done
+for task in vqa ocr caption retrieval; do
+  "$py" scripts/random_spread.py --config "configs/analyze/toy_$model.yaml" --task "$task" --draws 8
+  "$py" scripts/random_spread.py --config "configs/analyze/toy_$model.yaml" "${five[@]}" --task "$task" --draws 8
 done

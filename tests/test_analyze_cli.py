@@ -344,3 +344,59 @@ def test_command_line_entry_point(world: Path, model_dir: Path, tmp_path: Path) 
         [sys.executable, str(ROOT / "analyze.py"), "table", "--runs", str(tmp_path / "tiny")], capture_output=True, text=True, timeout=300
     )
     assert table.returncode == 0 and "| HONES |" in table.stdout
+
+
+def test_random_spread_script(full_run: dict[str, Any], world: Path, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``scripts/random_spread.py``: HONES and N random draws masked in one pass, consistent with masking.json."""
+    out = tmp_path / "runs"
+    shutil.copytree(full_run["out"], out)
+    spec = importlib.util.spec_from_file_location("random_spread", ROOT / "scripts" / "random_spread.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = cli_args("all", world, model_dir, out, "--task", "ocr")[1:]  # its parser has no subcommand
+    assert script.main([*args, "--draws", "3"]) == 0
+    spread = json.loads((out / "tiny" / "ocr" / "random_spread.json").read_text())
+    masking = json.loads((out / "tiny" / "ocr" / "masking.json").read_text())
+    assert spread["base"] == pytest.approx(masking["methods"]["hones"]["base"])
+    assert spread["hones"]["masked"] == pytest.approx(masking["methods"]["hones"]["masked"])  # same bank, same items
+    draws = spread["random"]["draws"]
+    assert [d["seed"] for d in draws] == [1, 2, 3] and spread["num_draws"] == 3
+    masked = [d["masked"] for d in draws]
+    assert spread["random"]["mean_masked"] == pytest.approx(sum(masked) / 3)
+    assert spread["hones_beats"] == sum(spread["hones"]["masked"] < m for m in masked)
+    assert "HONES drops more than" in capsys.readouterr().out
+    # other settings than the run's neurons stage: a clear error, nothing written
+    (out / "tiny" / "ocr" / "random_spread.json").unlink()
+    assert script.main([*args, "--draws", "3", "--neurons.top_ratio", "0.05"]) == 2
+    assert "neurons.top_ratio: 0.01 -> 0.05" in capsys.readouterr().err
+    assert not (out / "tiny" / "ocr" / "random_spread.json").exists()
+
+
+def test_random_spread_summary() -> None:
+    spec = importlib.util.spec_from_file_location("random_spread", ROOT / "scripts" / "random_spread.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    draws = [{"seed": 1, "masked": 0.5}, {"seed": 2, "masked": 0.7}, {"seed": 3, "masked": 0.6}]
+    summary = script.spread_summary(0.8, 0.6, draws)
+    assert summary["random"]["mean_masked"] == pytest.approx(0.6)
+    assert summary["random"]["sd_masked"] == pytest.approx(0.1)
+    assert summary["hones"]["relative_drop"] == pytest.approx(25.0)
+    assert (summary["hones_beats"], summary["ties"]) == (1, 1)
+
+
+def test_bank_write_in_script(full_run: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    """``scripts/bank_write_in.py``: one row per selection; the write-in selection (top c̄) has the largest mean c̄."""
+    spec = importlib.util.spec_from_file_location("bank_write_in", ROOT / "scripts" / "bank_write_in.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = {method: (count, mean, negative) for method, count, mean, negative in script.bank_write_in(full_run["root"] / "vqa")}
+    assert set(rows) == set(METHODS)
+    top = rows["write_in"][1]
+    assert all(mean <= top + 1e-12 for _, mean, _ in rows.values())
+    assert all(0.0 <= negative <= 1.0 for _, _, negative in rows.values())
+    assert script.main([str(full_run["root"] / "vqa")]) == 0
+    assert "| tiny/vqa | hones |" in capsys.readouterr().out
+    assert script.main([str(full_run["root"])]) == 2  # not a run folder

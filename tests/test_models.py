@@ -11,6 +11,7 @@ from hones.models import (
     VLMAdapter,
     build_tiny_llava,
     load_adapter,
+    load_module_adapter,
     save_pretrained,
     supported_model_types,
     train_tokenizer,
@@ -155,6 +156,19 @@ def test_load_bf16(tiny_llava: VLMAdapter, make_image, tmp_path) -> None:
     with torch.no_grad():
         logits = loaded.next_token_logits(loaded.encode([make_image()], ["q"]))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_load_module_adapter(tiny_llava: VLMAdapter, tmp_path) -> None:
+    """What every module's ``configure_model`` uses: the factory, else hparams on the module's device, eval mode."""
+    from hones.attribution.pipeline import AttributionModule
+
+    save_pretrained(tiny_llava.model, tiny_llava.processor, tmp_path / "tiny")
+    module = AttributionModule(str(tmp_path / "tiny"))
+    loaded = load_module_adapter(module)
+    assert loaded.device == module.device and not loaded.model.training
+    assert load_module_adapter(module, lambda: tiny_llava) is tiny_llava
+    with pytest.raises(FileNotFoundError, match=r"models/no-such-model: no such model directory"):
+        load_module_adapter(AttributionModule("models/no-such-model"))
 
 
 def test_unsupported_model_type(tmp_path) -> None:

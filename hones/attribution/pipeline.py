@@ -93,15 +93,9 @@ class AttributionModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.adapter is not None:
             return
-        if self._adapter_factory is not None:
-            self.adapter = self._adapter_factory()
-        else:
-            from hones.models import load_adapter
+        from hones.models import load_module_adapter
 
-            self.adapter = load_adapter(
-                self.hparams.model, dtype=self.hparams.dtype, device=str(self.device), trust_remote_code=self.hparams.trust_remote_code
-            )
-        self.adapter.model.eval()
+        self.adapter = load_module_adapter(self, self._adapter_factory)
         self.vlm = self.adapter.model  # registered so that Lightning moves it to the device
 
     def setup(self, stage: str) -> None:

@@ -3,7 +3,14 @@
 from hones.models.base import IGNORE_INDEX, VLMAdapter
 from hones.models.llava import LlavaAdapter
 from hones.models.qwen2_5_vl import Qwen2_5_VLAdapter, Qwen2_5_VLImageTextProcessor
-from hones.models.registry import load_adapter, register_adapter, supported_model_types, wrap_model
+from hones.models.registry import (
+    check_local_model,
+    load_adapter,
+    load_module_adapter,
+    register_adapter,
+    supported_model_types,
+    wrap_model,
+)
 from hones.models.tiny import build_tiny_llava, build_tiny_qwen2_5_vl, save_pretrained, train_tokenizer
 
 __all__ = [
@@ -14,7 +21,9 @@ __all__ = [
     "VLMAdapter",
     "build_tiny_llava",
     "build_tiny_qwen2_5_vl",
+    "check_local_model",
     "load_adapter",
+    "load_module_adapter",
     "register_adapter",
     "save_pretrained",
     "supported_model_types",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -98,3 +99,35 @@ def load_adapter(
         config=config,
         attn_implementation=attn_implementation,
     )
+
+
+def check_local_model(model: str) -> None:
+    """A clear error for a missing local model directory (rather than a failed hub lookup)."""
+    path = Path(model)
+    local = path.is_absolute() or (bool(path.parts) and path.parts[0] in (".", "..", "models"))
+    if local and not path.is_dir():
+        raise FileNotFoundError(
+            f"{model}: no such model directory. The toy models are built with "
+            "`python -m hones.training.toy_models fit --config configs/toy/pretrain/<llava|qwen2_5_vl>.yaml`; "
+            "or pass --model.model <directory or hub id>"
+        )
+
+
+def load_module_adapter(module: Any, factory: Callable[[], VLMAdapter] | None = None) -> VLMAdapter:
+    """The adapter a LightningModule's ``configure_model`` holds, in eval mode.
+
+    ``factory()`` when given (tests, notebooks); else ``module.hparams.model`` (local directory
+    or hub id) with the module's ``dtype`` and ``trust_remote_code``, loaded straight onto the
+    process's own device: the strategy's root device (``cuda:<local rank>`` under DDP) once a
+    Trainer is attached, else the module's device.
+    """
+    if factory is not None:
+        adapter = factory()
+    else:
+        hp = module.hparams
+        check_local_model(hp.model)
+        trainer = module._trainer  # None outside a Trainer (``module.trainer`` would raise)
+        device = trainer.strategy.root_device if trainer is not None else module.device
+        adapter = load_adapter(hp.model, dtype=hp.dtype, device=str(device), trust_remote_code=hp.trust_remote_code)
+    adapter.model.eval()
+    return adapter

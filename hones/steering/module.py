@@ -146,13 +146,9 @@ class SteeringModule(L.LightningModule):
         if self.adapter is not None:
             return
         hp = self.hparams
-        if self._adapter_factory is not None:
-            adapter = self._adapter_factory()
-        else:
-            from hones.models import load_adapter
+        from hones.models import load_module_adapter
 
-            adapter = load_adapter(hp.model, dtype=hp.dtype, device=str(self.device), trust_remote_code=hp.trust_remote_code)
-        adapter.model.eval()
+        adapter = load_module_adapter(self, self._adapter_factory)
         freeze_parameters(adapter.model)
         scaler = self.build_scaler(adapter) if hp.steer else None
         self.adapter = adapter

@@ -1,0 +1,151 @@
+"""How HONES compares with many random selections of the same per-layer counts (§4).
+
+The masking table's "Random" row is one seeded draw (``neurons.baseline_seed``); one draw
+says little when a masked metric moves by a few items. This script masks the test split
+with the run's HONES bank and with ``--draws`` further random banks (seeds
+``baseline_seed + 1 ..``; each keeps HONES's neurons-per-layer counts) in one pass, and
+writes ``<run>/<task>/random_spread.json``: every draw's masked metric, their mean and
+standard deviation, and how many draws HONES beats (drops the metric more than).
+
+    python scripts/random_spread.py --config configs/analyze/toy_llava.yaml --task vqa --draws 8
+    python scripts/random_spread.py --config configs/analyze/toy_llava.yaml --task retrieval \\
+        --draws 8 --test.limit 100          # retrieval: 50 candidates per image, so a subset
+
+The run's neurons stage must have run (``analyze.py neurons``) with the same settings
+(``--model_name``, ``--neurons.top_ratio``, ...). Nothing in the run's ``state.json`` or
+``masking.json`` changes.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from dataclasses import fields
+from pathlib import Path
+
+import lightning as L
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hones import io  # noqa: E402
+from hones.attribution.bank import read_bank  # noqa: E402
+from hones.attribution.baselines import random_selection  # noqa: E402
+from hones.attribution.callbacks import MaskingVerificationCallback  # noqa: E402
+from hones.attribution.pipeline import AttributionModule, build_datamodule  # noqa: E402
+from hones.attribution.run_state import AnalysisError, RunState  # noqa: E402
+from hones.attribution.settings import AnalyzeConfig, model_identity, stage_fingerprint  # noqa: E402
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="random_spread.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="the analyze YAML config of the run (configs/analyze/*.yaml)")
+    parser.add_class_arguments(AnalyzeConfig, None, fail_untyped=True)
+    parser.add_argument("--draws", type=int, default=8, help="random banks besides the run's own bank_random.json")
+    return parser
+
+
+def spread_summary(base: float, hones: float, draws: list[dict[str, float]]) -> dict[str, object]:
+    """Mean / sd of the random draws' masked metric and HONES's place among them."""
+    masked = [d["masked"] for d in draws]
+    mean = sum(masked) / len(masked)
+    sd = math.sqrt(sum((m - mean) ** 2 for m in masked) / (len(masked) - 1)) if len(masked) > 1 else 0.0
+
+    def relative(value: float) -> float | None:
+        return 100.0 * (base - value) / abs(base) if base != 0 else None
+
+    return {
+        "base": base,
+        "hones": {"masked": hones, "relative_drop": relative(hones)},
+        "random": {
+            "mean_masked": mean,
+            "sd_masked": sd,
+            "mean_relative_drop": relative(mean),
+            "sd_relative_drop": 100.0 * sd / abs(base) if base != 0 else None,
+            "draws": draws,
+        },
+        # "beats": HONES leaves a lower metric than the draw (drops it more); ties counted apart
+        "hones_beats": sum(hones < m for m in masked),
+        "ties": sum(hones == m for m in masked),
+        "num_draws": len(masked),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    parsed = parser.parse_args(argv)
+    if parsed.draws < 1:
+        parser.error("--draws must be at least 1")
+    section = parser.instantiate_classes(parsed)
+    config = AnalyzeConfig(**{f.name: getattr(section, f.name) for f in fields(AnalyzeConfig)})
+    tasks = config.task_list()
+    if len(tasks) != 1:
+        parser.error(f"give one task with --task (the config lists {', '.join(tasks)})")
+    task = tasks[0]
+    run_dir = config.run_dir(task)
+    bank_path = run_dir / "bank_hones.json"
+    try:  # the bank must come from a neurons stage with these very settings
+        finished = RunState(run_dir / "state.json").is_done(
+            "neurons", stage_fingerprint(config, task, "neurons", model_identity(config.model))
+        )
+    except AnalysisError as error:
+        print(f"random_spread.py: {error}", file=sys.stderr)
+        return 2
+    if not finished or not bank_path.is_file():
+        print(f"random_spread.py: {run_dir}: no finished neurons stage; run `analyze.py neurons` with these settings first", file=sys.stderr)
+        return 2
+
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r"predict returned None")
+    module = AttributionModule(config.model, config.dtype, config.trust_remote_code)
+    module.configure_model()
+    adapter = module.adapter
+    hones_bank = read_bank(bank_path, adapter.num_layers, adapter.ffn_width)
+    seeds = [config.neurons.baseline_seed + k for k in range(1, parsed.draws + 1)]
+    banks = {"hones": hones_bank, **{f"random_seed{s}": random_selection(hones_bank, adapter.ffn_width, seed=s) for s in seeds}}
+    datamodule = build_datamodule(config, task, config.test, with_targets=False)
+    print(f"[random_spread] {config.name()}/{task}: {len(hones_bank)} neurons, {len(datamodule.items)} test items, "
+          f"HONES + {len(seeds)} random draws (seeds {seeds[0]}..{seeds[-1]})", file=sys.stderr)  # fmt: skip
+    callback = MaskingVerificationCallback(
+        banks=banks, task=task, metric_mode=config.masking.metric_mode, max_new_tokens=config.masking.max_new_tokens,
+        stages=("predict",),
+    )  # fmt: skip
+    settings = config.trainer
+    trainer = L.Trainer(
+        accelerator=settings.accelerator, devices=settings.devices, strategy=settings.strategy, num_nodes=settings.num_nodes,
+        precision=settings.precision, logger=False, callbacks=[callback], enable_progress_bar=settings.enable_progress_bar,
+        enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    if not trainer.is_global_zero:
+        return 0
+    results = callback.results
+    draws = [{"seed": s, "masked": results["banks"][f"random_seed{s}"]["masked"]} for s in seeds]
+    summary = {
+        "task": task,
+        "metric": results["metric"],
+        "metric_mode": config.masking.metric_mode,
+        "split": config.test.split,
+        "num_items": len(datamodule.items),
+        "test_limit": config.test.limit,
+        "num_neurons": len(hones_bank),
+        **spread_summary(results["base"], results["banks"]["hones"]["masked"], draws),
+    }
+    io.write_json(run_dir / "random_spread.json", summary)
+    rnd = summary["random"]
+
+    def percent(value: float | None) -> str:
+        return "n/a (base 0)" if value is None else f"{value:.1f}"
+
+    print(
+        f"{config.name()}/{task}: base {summary['base']:.4f}; HONES {summary['hones']['masked']:.4f} "
+        f"({percent(summary['hones']['relative_drop'])}% drop); random {rnd['mean_masked']:.4f} ± {rnd['sd_masked']:.4f} "
+        f"({percent(rnd['mean_relative_drop'])} ± {percent(rnd['sd_relative_drop'])}% drop, {len(draws)} draws); "
+        f"HONES drops more than {summary['hones_beats']} of {len(draws)} draws ({summary['ties']} ties) -> {run_dir / 'random_spread.json'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
