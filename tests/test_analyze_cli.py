@@ -39,12 +39,17 @@ WORLD = ToyWorldConfig(seed=0, n_train=4, n_discovery=8, n_dev=0, n_test=8, n_oo
 STAGE_FILES = ("heads.json", "head_scores.safetensors", "importance.safetensors", "masking.json", "masking.md")
 
 
-def load_cli() -> Any:
-    spec = importlib.util.spec_from_file_location("analyze_cli", ROOT / "analyze.py")
+def load_script(path: Path, name: str) -> Any:
+    """A script of the repository (not a package module), imported as ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_cli() -> Any:
+    return load_script(ROOT / "analyze.py", "analyze_cli")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -350,10 +355,7 @@ def test_random_spread_script(full_run: dict[str, Any], world: Path, model_dir: 
     """``scripts/random_spread.py``: HONES and N random draws masked in one pass, consistent with masking.json."""
     out = tmp_path / "runs"
     shutil.copytree(full_run["out"], out)
-    spec = importlib.util.spec_from_file_location("random_spread", ROOT / "scripts" / "random_spread.py")
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(ROOT / "scripts" / "random_spread.py", "random_spread")
     args = cli_args("all", world, model_dir, out, "--task", "ocr")[1:]  # its parser has no subcommand
     assert script.main([*args, "--draws", "3"]) == 0
     spread = json.loads((out / "tiny" / "ocr" / "random_spread.json").read_text())
@@ -374,10 +376,7 @@ def test_random_spread_script(full_run: dict[str, Any], world: Path, model_dir: 
 
 
 def test_random_spread_summary() -> None:
-    spec = importlib.util.spec_from_file_location("random_spread", ROOT / "scripts" / "random_spread.py")
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(ROOT / "scripts" / "random_spread.py", "random_spread")
     draws = [{"seed": 1, "masked": 0.5}, {"seed": 2, "masked": 0.7}, {"seed": 3, "masked": 0.6}]
     summary = script.spread_summary(0.8, 0.6, draws)
     assert summary["random"]["mean_masked"] == pytest.approx(0.6)
@@ -388,10 +387,7 @@ def test_random_spread_summary() -> None:
 
 def test_bank_write_in_script(full_run: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     """``scripts/bank_write_in.py``: one row per selection; the write-in selection (top c̄) has the largest mean c̄."""
-    spec = importlib.util.spec_from_file_location("bank_write_in", ROOT / "scripts" / "bank_write_in.py")
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(ROOT / "scripts" / "bank_write_in.py", "bank_write_in")
     rows = {method: (count, mean, negative) for method, count, mean, negative in script.bank_write_in(full_run["root"] / "vqa")}
     assert set(rows) == set(METHODS)
     top = rows["write_in"][1]
