@@ -1,0 +1,55 @@
+"""The benchmark scripts still run and their optimised paths still agree with the straightforward loop.
+
+Smoke runs only (tiny sizes, a few items): no figure is checked here; the figures live in
+``benchmarks/README.md`` and come from the scripts' own output.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(*args: str) -> str:
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=ROOT, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_bench_attribution_smoke() -> None:
+    out = run(
+        "benchmarks/bench_attribution.py", "--model", "tiny", "--items", "2", "--batch-size", "2", "--rows-per-forward", "8",
+        "--metric-items", "1", "--max-new-tokens", "2", "--memory-items", "4", "8",
+    )  # fmt: skip
+    assert "# machine:" in out and "device cpu" in out
+    # every stage compares the two paths: heads (teacher-forced), heads (metric), neurons
+    assert out.count("outputs allclose") == 3 and "allclose (atol 1e-4): True" in out and "allclose (atol 1e-6): True" in out
+    assert "outputs allclose (atol 1e-4 x max|Imp|" in out and out.count("): True") >= 3
+    assert out.count("counted GFLOP per item: straightforward") == 3
+    assert "peak RSS 8 vs 4 items:" in out
+
+
+@pytest.mark.slow
+def test_bench_gpu_7b_smoke() -> None:
+    out = run("benchmarks/bench_gpu_7b.py", "--smoke")
+    assert "heads (§2)" in out and "neurons (§3)" in out
+
+
+def test_bench_attribution_refuses_cuda_without_a_gpu() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_attribution.py", "--device", "cuda", "--skip-speed", "--memory-items"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=ENV,
+    )  # fmt: skip
+    assert done.returncode != 0 and "--device cuda: no CUDA device" in done.stderr
