@@ -115,7 +115,62 @@ class TaskScorer:
             metric.update([r["prediction"] for r in rows], [r["references"] for r in rows])
 
 
-class EvalModule(L.LightningModule):
+class EpochScoring:
+    """Validation and test epochs that score a task on a LightningModule (mixin).
+
+    The module provides ``metrics`` (mode -> metric), ``scorer`` (``TaskScorer``), ``adapter``
+    and ``_end(tag)`` (compute, log, write); this mixin resets the metrics at each epoch
+    start, scores every batch with ``_predict_rows`` and names the epochs:
+    ``validation_tag`` for validation, ``test_tag()`` for test.
+    """
+
+    validation_tag = "validate"
+    metrics: Any
+    scorer: TaskScorer
+    adapter: Any
+    _rows: list[dict[str, Any]]
+
+    def test_tag(self) -> str:
+        return "test"
+
+    def _predict_rows(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """One prediction row per item of ``batch`` (override to change how the model runs)."""
+        return self.scorer.predict(self.adapter, batch)
+
+    def _end(self, stage: str) -> None:
+        raise NotImplementedError
+
+    def _start(self) -> None:
+        for metric in self.metrics.values():
+            metric.reset()
+        self._rows = []
+
+    def _step(self, batch: dict[str, Any]) -> None:
+        rows = self._predict_rows(batch)
+        for metric in self.metrics.values():
+            self.scorer.update(metric, rows)
+        self._rows.extend(rows)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._end(self.validation_tag)
+
+    def on_test_epoch_start(self) -> None:
+        self._start()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._end(self.test_tag())
+
+
+class EvalModule(EpochScoring, L.LightningModule):
     """Evaluate a model (hub id or local directory) on one task.
 
     Args:
@@ -177,17 +232,6 @@ class EvalModule(L.LightningModule):
         return Path(str(self.hparams.output_dir).format(**fields))
 
     # -- loop ------------------------------------------------------------------
-    def _start(self) -> None:
-        for metric in self.metrics.values():
-            metric.reset()
-        self._rows = []
-
-    def _step(self, batch: dict[str, Any]) -> None:
-        rows = self.scorer.predict(self.adapter, batch)
-        for metric in self.metrics.values():
-            self.scorer.update(metric, rows)
-        self._rows.extend(rows)
-
     def _end(self, stage: str) -> None:
         task = self.hparams.task
         world_size = self.trainer.world_size if self._trainer is not None else 1
@@ -201,21 +245,3 @@ class EvalModule(L.LightningModule):
         if out is not None and self.global_rank == 0:
             io.write_json(out / f"metrics_{stage}.json", self.results)
             io.write_jsonl(out / f"predictions_{stage}.jsonl", rows)
-
-    def on_validation_epoch_start(self) -> None:
-        self._start()
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._end("validate")
-
-    def on_test_epoch_start(self) -> None:
-        self._start()
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._end("test")

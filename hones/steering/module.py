@@ -38,7 +38,7 @@ from torch import nn
 from hones import io
 from hones.attribution.batches import batch_size, ensure_prompt_only, ensure_targets
 from hones.attribution.bank import BankError
-from hones.evaluation import METRIC_MODES, TaskScorer, summarize_epoch
+from hones.evaluation import METRIC_MODES, EpochScoring, TaskScorer, summarize_epoch
 from hones.interventions import NeuronScaler, scale_neurons
 from hones.metrics import build_metric
 from hones.steering.objective import DEFAULT_BETA, DEFAULT_L2_WEIGHT, steering_objective
@@ -64,7 +64,7 @@ def cosine_decay_factor(step: int, total_steps: int, floor: float = DEFAULT_MIN_
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class SteeringModule(L.LightningModule):
+class SteeringModule(EpochScoring, L.LightningModule):
     """HONES steering of one model on one task.
 
     Args:
@@ -257,18 +257,15 @@ class SteeringModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("scaler.")}
 
     # -- evaluation --------------------------------------------------------------------------
-    def _start(self) -> None:
-        for metric in self.metrics.values():
-            metric.reset()
-        self._rows = []
+    validation_tag = "val"
 
-    def _step(self, batch: dict[str, Any]) -> None:
-        prompt_only = ensure_prompt_only(self.adapter, batch)
+    def test_tag(self) -> str:
+        return self.eval_tag
+
+    def _predict_rows(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """Greedy predictions with the scaling on (prompt-only encodings)."""
         with self.steering():
-            rows = self.scorer.predict(self.adapter, prompt_only)
-        for metric in self.metrics.values():
-            self.scorer.update(metric, rows)
-        self._rows.extend(rows)
+            return self.scorer.predict(self.adapter, ensure_prompt_only(self.adapter, batch))
 
     def _end(self, stage: str) -> None:
         task = self.hparams.task
@@ -283,24 +280,6 @@ class SteeringModule(L.LightningModule):
             out = Path(self.hparams.output_dir)
             io.write_json(out / f"metrics_{stage}.json", self.results)
             io.write_jsonl(out / f"predictions_{stage}.jsonl", rows)
-
-    def on_validation_epoch_start(self) -> None:
-        self._start()
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._end("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._start()
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._end(self.eval_tag)
 
 
 __all__ = ["BankError", "SteeringModule", "cosine_decay_factor"]
