@@ -4,7 +4,8 @@
 # 1. test-split scores of the model, 2. attribution + masking on all four tasks (analyze.py all),
 # 3. the cross-task analyses, 4. the steering comparison of every §5 method per task,
 # 5. the same at a 5% budget (70 neurons: attribution, masking, steering on vqa/ocr/caption),
-# 6. HONES against 8 more random draws (scripts/random_spread.py) at both budgets.
+# 6. HONES against 8 more random draws (scripts/random_spread.py) at both budgets,
+# 7. the budget sweep: HONES and random at 10% and 20%.
 # Each stage resumes or skips finished work when rerun; pass OVERWRITE=1 to recompute.
 set -euo pipefail
 model="${1:?usage: bash scripts/toy_results.sh llava|qwen2_5_vl}"
@@ -31,4 +32,8 @@ done
 for task in vqa ocr caption retrieval; do
   "$py" scripts/random_spread.py --config "configs/analyze/toy_$model.yaml" --task "$task" --draws 8
   "$py" scripts/random_spread.py --config "configs/analyze/toy_$model.yaml" "${five[@]}" --task "$task" --draws 8
+done
+for pct in 10 20; do
+  "$py" analyze.py all --config "configs/analyze/toy_$model.yaml" --model_name "toy-$model-${pct}pct" \
+    --neurons.top_ratio "0.$pct" --masking.methods "[hones, random]" --overwrite "$overwrite"
 done
