@@ -31,7 +31,7 @@ from hones.attribution.baselines import (
     select_top_neurons,
 )
 from hones.attribution.batches import batch_size, ensure_encoded, ensure_targets
-from hones.attribution.heads import Head, heads_by_layer, row_head_list
+from hones.attribution.heads import Head, intervened_chunks, row_head_list
 from hones.attribution.rerun import base_hidden_states, capture_layer_inputs, run_layers_from
 from hones.attribution.stats import ActivationStatistics, RunningMean, StackedRunningMean
 from hones.attribution.write_in import (
@@ -43,7 +43,7 @@ from hones.attribution.write_in import (
     target_directions,
     write_in,
 )
-from hones.interventions import capture_ffn_activations, mean_replace_heads
+from hones.interventions import capture_ffn_activations
 
 
 # -- the formula --------------------------------------------------------------------------------
@@ -190,14 +190,11 @@ class NeuronAttributor(nn.Module):
         self.mean_contribution.update(write_in(z, projections.to(z.device)))
         self.mean_abs_activation.update(z.abs())
         self.item_count.update(float(size))
-        per_chunk = max(1, self.rows_per_forward // size)
         slot = {head: k for k, head in enumerate(self.heads)}
-        for layer, chunk in heads_by_layer(self.heads, per_chunk):
+        for layer, chunk in intervened_chunks(adapter, batch, self.heads, self.rows_per_forward):
             repeats = len(chunk)
             later = list(range(layer, self.num_layers))
-            with mean_replace_heads(adapter, row_heads=row_head_list(chunk, size)), capture_ffn_activations(
-                adapter, later, positions=positions.repeat_interleave(repeats)
-            ) as captured_h:
+            with capture_ffn_activations(adapter, later, positions=positions.repeat_interleave(repeats)) as captured_h:
                 run_layers_from(adapter, record, layer, repeats=repeats)
             z_h = stack_layers(captured_h, later)  # [b * R, L - l, I]
             values = torch.zeros(size * repeats, self.num_layers, self.ffn_width, device=z_h.device)
