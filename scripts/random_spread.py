@@ -24,7 +24,6 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-import lightning as L
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,9 +32,9 @@ from hones import io  # noqa: E402
 from hones.attribution.bank import read_bank  # noqa: E402
 from hones.attribution.baselines import random_selection  # noqa: E402
 from hones.attribution.callbacks import MaskingVerificationCallback  # noqa: E402
-from hones.attribution.pipeline import AttributionModule, build_datamodule  # noqa: E402
-from hones.attribution.run_state import AnalysisError, RunState  # noqa: E402
-from hones.attribution.settings import AnalyzeConfig, model_identity, stage_fingerprint  # noqa: E402
+from hones.attribution.pipeline import AttributionModule, TaskRun, build_datamodule  # noqa: E402
+from hones.attribution.run_state import AnalysisError  # noqa: E402
+from hones.attribution.settings import AnalyzeConfig, model_identity  # noqa: E402
 
 
 def build_parser() -> ArgumentParser:
@@ -83,22 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     if len(tasks) != 1:
         parser.error(f"give one task with --task (the config lists {', '.join(tasks)})")
     task = tasks[0]
-    run_dir = config.run_dir(task)
-    bank_path = run_dir / "bank_hones.json"
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r"predict returned None")
+    module = AttributionModule(config.model, config.dtype, config.trust_remote_code)
+    run = TaskRun(config, task, module, identity=model_identity(config.model))
+    bank_path = run.run_dir / "bank_hones.json"
     try:  # the bank must come from a neurons stage with these very settings
-        finished = RunState(run_dir / "state.json").is_done(
-            "neurons", stage_fingerprint(config, task, "neurons", model_identity(config.model))
-        )
+        finished = run.state.is_done("neurons", run.fingerprint("neurons"))
     except AnalysisError as error:
         print(f"random_spread.py: {error}", file=sys.stderr)
         return 2
     if not finished or not bank_path.is_file():
-        print(f"random_spread.py: {run_dir}: no finished neurons stage; run `analyze.py neurons` with these settings first", file=sys.stderr)
+        print(f"random_spread.py: {run.run_dir}: no finished neurons stage; run `analyze.py neurons` with these settings first", file=sys.stderr)
         return 2
 
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r"predict returned None")
-    module = AttributionModule(config.model, config.dtype, config.trust_remote_code)
     module.configure_model()
     adapter = module.adapter
     hones_bank = read_bank(bank_path, adapter.num_layers, adapter.ffn_width)
@@ -111,12 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         banks=banks, task=task, metric_mode=config.masking.metric_mode, max_new_tokens=config.masking.max_new_tokens,
         stages=("predict",),
     )  # fmt: skip
-    settings = config.trainer
-    trainer = L.Trainer(
-        accelerator=settings.accelerator, devices=settings.devices, strategy=settings.strategy, num_nodes=settings.num_nodes,
-        precision=settings.precision, logger=False, callbacks=[callback], enable_progress_bar=settings.enable_progress_bar,
-        enable_model_summary=False, enable_checkpointing=False,
-    )  # fmt: skip
+    trainer = run.trainer([callback], logger=False)  # the run's TensorBoard gets no second set of masking scalars
     trainer.predict(module, datamodule=datamodule, return_predictions=False)
     if not trainer.is_global_zero:
         return 0
@@ -132,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_neurons": len(hones_bank),
         **spread_summary(results["base"], results["banks"]["hones"]["masked"], draws),
     }
-    io.write_json(run_dir / "random_spread.json", summary)
+    io.write_json(run.run_dir / "random_spread.json", summary)
     rnd = summary["random"]
 
     def percent(value: float | None) -> str:
@@ -142,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{config.name()}/{task}: base {summary['base']:.4f}; HONES {summary['hones']['masked']:.4f} "
         f"({percent(summary['hones']['relative_drop'])}% drop); random {rnd['mean_masked']:.4f} ± {rnd['sd_masked']:.4f} "
         f"({percent(rnd['mean_relative_drop'])} ± {percent(rnd['sd_relative_drop'])}% drop, {len(draws)} draws); "
-        f"HONES drops more than {summary['hones_beats']} of {len(draws)} draws ({summary['ties']} ties) -> {run_dir / 'random_spread.json'}"
+        f"HONES drops more than {summary['hones_beats']} of {len(draws)} draws ({summary['ties']} ties) -> {run.run_dir / 'random_spread.json'}"
     )
     return 0
 

@@ -211,16 +211,21 @@ class TaskRun:
         self.outcomes.append(StageOutcome(self.task, stage, status, detail))
         say(f"{self.config.name()}/{self.task} {stage}: {status}{' — ' + detail if detail else ''}")
 
-    def trainer(self, callbacks: Sequence[Callback]) -> L.Trainer:
+    def logger(self) -> TensorBoardLogger:
+        """The run folder's TensorBoard logger (``<run>/tensorboard``)."""
+        return TensorBoardLogger(str(self.run_dir), name="", version="tensorboard", default_hp_metric=False)
+
+    def trainer(self, callbacks: Sequence[Callback], logger: Any = None) -> L.Trainer:
+        """A predict-only Trainer from the run's trainer settings; ``logger`` defaults to ``self.logger()``
+        (``False``: none)."""
         settings = self.config.trainer
-        logger = TensorBoardLogger(str(self.run_dir), name="", version="tensorboard", default_hp_metric=False)
         return L.Trainer(
             accelerator=settings.accelerator,
             devices=settings.devices,
             strategy=settings.strategy,
             num_nodes=settings.num_nodes,
             precision=settings.precision,
-            logger=logger,
+            logger=self.logger() if logger is None else logger,
             callbacks=[*callbacks, *self.extra_callbacks],
             enable_progress_bar=settings.enable_progress_bar,
             enable_model_summary=False,
@@ -469,7 +474,7 @@ class TaskRun:
         write_masking_report(self.run_dir, report)
         if not log:
             return
-        logger = TensorBoardLogger(str(self.run_dir), name="", version="tensorboard", default_hp_metric=False)
+        logger = self.logger()
         logger.experiment.add_text(f"masking/{self.task}", masking_markdown(report))
         logger.finalize("success")
 
