@@ -31,7 +31,8 @@ items under ``torch.utils.flop_counter.FlopCounterMode`` gives GFLOP per item of
 their ratio (the work the exact savings remove; compare the decoder-layer pass ratio), and
 the achieved GFLOP/s (GFLOP per item x items/s of the timed runs, which run without the
 counter). The counter sees matmuls and convolutions, and the fused attention kernels that
-CUDA runs (flash / efficient / cudnn SDPA); not elementwise ops, norms or indexing, and not
+CUDA runs (flash / efficient / cudnn SDPA; counted by ``sdpa_flops``, which also takes grouped
+key/value heads); not elementwise ops, norms or indexing, and not
 torch's CPU SDPA kernel (``_scaled_dot_product_flash_attention_for_cpu``: on CPU attention's
 QK^T and AV are left out). The figures are thus the dense-algebra work: equal achieved
 GFLOP/s on both paths means the speed-up is the FLOP ratio alone; a higher one on the
@@ -157,6 +158,30 @@ def timed(function: Callable[[], T], device: str | torch.device = "cpu") -> tupl
     return result, time.perf_counter() - start
 
 
+def sdpa_flops(query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int], *args: Any, **kwargs: Any) -> int:
+    """FLOPs of one fused SDPA forward, q ``[batch, heads, s_q, d]``, k / v ``[batch, kv_heads, s_k, d]``.
+
+    QK^T and AV as if the key/value heads were repeated to the query's (GQA: Qwen2.5-VL has
+    4 KV heads for 28 query heads). torch < 2.13's own formula asserts equal head counts.
+    """
+    batch, heads, s_q, d = query_shape
+    s_k, d_v = key_shape[2], value_shape[3]
+    return 2 * batch * heads * s_q * s_k * (d + d_v)
+
+
+# the fused CUDA attention kernels, counted by ``sdpa_flops`` (GQA-aware on every torch)
+SDPA_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_efficient_attention: sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention: sdpa_flops,
+    torch.ops.aten._scaled_dot_product_cudnn_attention: sdpa_flops,
+}
+
+
+def flop_counter() -> FlopCounterMode:
+    """A silent ``FlopCounterMode`` whose SDPA formula accepts grouped key/value heads."""
+    return FlopCounterMode(display=False, custom_mapping=SDPA_FLOP_FORMULAS)
+
+
 def counted_flops(function: Callable[[], Any], count: int) -> float:
     """FLOPs per item of one untimed call of ``function`` over ``count`` items.
 
@@ -168,7 +193,7 @@ def counted_flops(function: Callable[[], Any], count: int) -> float:
     QK^T / AV products are missing (small next to the projections at ~100 tokens). Its
     dispatch hooks slow every op, so it never wraps a timed run.
     """
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         function()
     return counter.get_total_flops() / max(count, 1)
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attribution import heads_optimised, heads_plain, neurons_optimised, neurons_plain, synthetic_items  # noqa: E402
+from bench_attribution import flop_counter, heads_optimised, heads_plain, neurons_optimised, neurons_plain, synthetic_items  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' spec sheets, TFLOP/s.
 PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
@@ -203,8 +203,6 @@ def matmul_tflops(device: str, dtype: torch.dtype, size: int, iterations: int = 
 @torch.no_grad()
 def forward_row(adapter: Any, batch_size: int, device: str, warmup: int, iterations: int) -> dict[str, float]:
     """One prefill forward of ``batch_size`` items: tokens/s and TFLOP/s."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from hones.attribution.batches import encode_items
     from hones.attribution.rerun import model_inputs
 
@@ -214,7 +212,7 @@ def forward_row(adapter: Any, batch_size: int, device: str, warmup: int, iterati
     def run() -> Any:
         return adapter.model(**inputs, use_cache=False, logits_to_keep=1)
 
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         run()
     flops = counter.get_total_flops()
     seconds = seconds_per_call(run, device, warmup, iterations)

@@ -53,3 +53,18 @@ def test_bench_attribution_refuses_cuda_without_a_gpu() -> None:
         capture_output=True, text=True, timeout=300, cwd=ROOT, env=ENV,
     )  # fmt: skip
     assert done.returncode != 0 and "--device cuda: no CUDA device" in done.stderr
+
+
+def test_sdpa_flop_formula_counts_grouped_key_value_heads() -> None:
+    """The benchmarks' SDPA formula: torch's own count with equal heads, and GQA as repeated KV heads."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_attribution import sdpa_flops
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    assert sdpa_flops((2, 8, 5, 16), (2, 8, 7, 16), (2, 8, 7, 16)) == sdpa_flop_count((2, 8, 5, 16), (2, 8, 7, 16), (2, 8, 7, 16))
+    # 28 query heads over 4 KV heads (Qwen2.5-VL-7B) cost what 28 repeated KV heads cost
+    grouped = sdpa_flops((1, 28, 9, 128), (1, 4, 9, 128), (1, 4, 9, 128))
+    assert grouped == sdpa_flop_count((1, 28, 9, 128), (1, 28, 9, 128), (1, 28, 9, 128)) == 2 * 2 * 28 * 9 * 9 * 128
