@@ -4,7 +4,7 @@ and a small PIL image factory."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -19,6 +19,16 @@ ARCHS = ("llava", "qwen2_5_vl")
 # threads' spin-waits made the suite ~10x slower. OMP_NUM_THREADS, when set, wins.
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a whole test module, restored after; a module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")`` (it also wins over OMP_NUM_THREADS)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

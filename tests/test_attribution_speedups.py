@@ -8,7 +8,6 @@ forward via row_heads, (3) rerun of layers >= l from cached layer inputs, (4) ru
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -42,13 +41,7 @@ QA = [("what color is the square?", "red"), ("how many circles are in the pictur
 HEADS = [(0, 1), (1, 0), (1, 3), (3, 2)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run ~10x faster on one thread when the 2 cores are shared (restored after)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def vqa_items(make_image, n: int = 3) -> list[TaskItem]:
