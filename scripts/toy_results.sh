@@ -3,7 +3,7 @@
 #   bash scripts/toy_results.sh llava          # or qwen2_5_vl
 # 1. test-split scores of the model, 2. attribution + masking on all four tasks (analyze.py all),
 # 3. the cross-task analyses, 4. the steering comparison of every §5 method per task,
-# 5. the same at a 5% budget (70 neurons: attribution, masking, steering on vqa/ocr/caption),
+# 5. the same at a 5% budget (70 neurons: attribution, masking, steering on all four tasks),
 # 6. HONES against 8 more random draws (scripts/random_spread.py) at both budgets,
 # 7. the budget sweep: HONES and random at 10% and 20%.
 # Each stage resumes or skips finished work when rerun; pass OVERWRITE=1 to recompute.
@@ -24,7 +24,7 @@ done
 five=(--model_name "toy-$model-5pct" --neurons.top_ratio 0.05 --masking.methods "[hones, random, activation, write_in, grad_x_act]")
 "$py" analyze.py all --config "configs/analyze/toy_$model.yaml" "${five[@]}" --overwrite "$overwrite"
 "$py" analyze.py table --runs "runs/analyze/toy-$model-5pct"
-for task in vqa ocr caption; do
+for task in vqa ocr caption retrieval; do
   "$py" train.py compare --config "configs/steering/toy_${model}_${task}.yaml" \
     --model.bank "runs/analyze/toy-$model-5pct/$task/bank_hones.json" \
     --model.output_dir "runs/steering/toy-$model-5pct/$task" --compare.output_dir "runs/steering/toy-$model-5pct/$task/compare"
