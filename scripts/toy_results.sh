@@ -20,8 +20,8 @@ cd "$(dirname "$0")/.."
 for task in vqa ocr caption retrieval; do
   "$py" train.py compare --config "configs/steering/toy_${model}_${task}.yaml"
 done
-# 5% budget: same heads, 70 neurons per selection; the §4 baselines (AP/MA/APE stay at 1%)
-five=(--model_name "toy-$model-5pct" --neurons.top_ratio 0.05 --masking.methods "[hones, random, activation, write_in, grad_x_act]")
+# 5% budget: same heads, 70 neurons per selection; every baseline, AP / MA / APE included
+five=(--model_name "toy-$model-5pct" --neurons.top_ratio 0.05)
 "$py" analyze.py all --config "configs/analyze/toy_$model.yaml" "${five[@]}" --overwrite "$overwrite"
 "$py" analyze.py table --runs "runs/analyze/toy-$model-5pct"
 for task in vqa ocr caption retrieval; do
