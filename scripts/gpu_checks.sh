@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks for a session lent one CUDA GPU: one script, a few minutes, at most ~9.
+# GPU checks for a session lent one CUDA GPU: one script, about 5 minutes, at most ~10.
 #
 #   bash scripts/gpu_checks.sh                  # logs under ${OUT:-runs/gpu_checks}
 #   PYTHON=/path/to/python bash scripts/gpu_checks.sh
@@ -9,13 +9,14 @@
 #   a. nvidia-smi (GPU name, memory, driver) and torch's view of CUDA         (<= 20 s + 45 s)
 #   b. pytest -m gpu (tests/test_gpu.py): the attribution callbacks under accelerator="gpu"
 #      and under strategy="ddp" (NCCL) reproduce the CPU accumulators; steering trains under
-#      precision="bf16-mixed"                                                (<= 100 s)
+#      precision="bf16-mixed"                                                (<= 90 s)
 #   c. benchmarks/bench_attribution.py --device cuda: optimised vs straightforward
-#      attribution on the toy model, 64 items, counted FLOPs, memory 200 vs 2000 items (<= 150 s)
+#      attribution on each toy model, 64 items, counted FLOPs, memory 200 vs 2000 items
+#      (<= 140 s for toy-llava, <= 120 s for toy-qwen2_5_vl)
 #   d. benchmarks/bench_gpu_7b.py: random-weight LLaVA-1.5-7B and Qwen2.5-VL-7B in bf16,
 #      prefill at batch 1 and 8 (3 timed iterations), attribution rows on 8 items
-#      (2 for the straightforward loop): trimmed from its ~5-10 min defaults   (<= 220 s)
-# Worst case about 9 minutes; typically much less.
+#      (2 for the straightforward loop): trimmed from its ~5-10 min defaults   (<= 180 s)
+# Worst case (every step at its timeout) just under 10 minutes; about 5 on one H200 (2026-11-27).
 # The Python must have a CUDA build of torch (the CPU-only venv fails step a's torch check).
 # On a bare GPU machine whose python3 already holds torch, lightning and transformers:
 #   PYTHON=python3 PYTHONPATH=$PWD bash scripts/gpu_checks.sh
@@ -53,13 +54,14 @@ step nvidia_smi 20 nvidia-smi --query-gpu=name,memory.total,driver_version,utili
 step torch_cuda 45 "$PY" -c 'import torch; assert torch.cuda.is_available(), f"torch {torch.__version__}: no CUDA"; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")'
 
 # b. GPU-marked tests (tests/test_gpu.py): callbacks on cuda = CPU, DDP over NCCL, bf16-mixed steering
-step pytest_gpu 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+step pytest_gpu 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
 
 # c. optimised vs straightforward attribution on the GPU (toy model), counted FLOPs, memory rows
-step bench_attribution 150 "$PY" benchmarks/bench_attribution.py --device cuda --items 64 --metric-items 8 --memory-items 200 2000
+step bench_attribution 140 "$PY" benchmarks/bench_attribution.py --device cuda --items 64 --metric-items 8 --memory-items 200 2000
+step bench_attribution_qwen 120 "$PY" benchmarks/bench_attribution.py --device cuda --model models/toy-qwen2_5_vl --items 64 --metric-items 8 --memory-items 200 2000
 
 # d. 7B shapes in bf16 (random weights, built on the GPU; no download)
-step bench_gpu_7b 220 "$PY" benchmarks/bench_gpu_7b.py --arch both --batch-sizes 1 8 --iterations 3 --attr-items 8 --plain-items 2
+step bench_gpu_7b 180 "$PY" benchmarks/bench_gpu_7b.py --arch both --batch-sizes 1 8 --iterations 3 --attr-items 8 --plain-items 2
 
 echo "== summary ($SUMMARY)"
 cat "$SUMMARY"
