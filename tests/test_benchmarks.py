@@ -57,12 +57,10 @@ def test_bench_attribution_refuses_cuda_without_a_gpu() -> None:
 
 def test_sdpa_flop_formula_counts_grouped_key_value_heads() -> None:
     """The benchmarks' SDPA formula: torch's own count with equal heads, and GQA as repeated KV heads."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from bench_attribution import sdpa_flops
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    from test_analyze_cli import load_script
     from torch.utils.flop_counter import sdpa_flop_count
+
+    sdpa_flops = load_script(ROOT / "benchmarks" / "bench_attribution.py", "bench_attribution").sdpa_flops
 
     assert sdpa_flops((2, 8, 5, 16), (2, 8, 7, 16), (2, 8, 7, 16)) == sdpa_flop_count((2, 8, 5, 16), (2, 8, 7, 16), (2, 8, 7, 16))
     # 28 query heads over 4 KV heads (Qwen2.5-VL-7B) cost what 28 repeated KV heads cost

@@ -28,8 +28,8 @@ from hones.attribution.callbacks import (
     NeuronAttributionCallback,
     resolve_adapter,
 )
-from hones.attribution.heads import HeadLocalizer
-from hones.attribution.neurons import NeuronAttributor
+from hones.attribution.heads import HeadLocalizer, HeadScores
+from hones.attribution.neurons import NeuronAttribution, NeuronAttributor
 from hones.data.records import TaskItem
 from hones.models import VLMAdapter
 
@@ -108,6 +108,20 @@ def trainer(tmp_path: Path, callbacks: list[L.Callback], **kwargs: Any) -> L.Tra
     )
 
 
+def plain_accumulators(adapter: VLMAdapter, items: list[TaskItem]) -> tuple[HeadScores, NeuronAttribution]:
+    """The §2 head scores over CANDIDATES and the §3 result for their top 3, without Lightning
+    (batches of 2, teacher-forced for §2, prompt-only for §3): what the callbacks must reproduce."""
+    plain = HeadLocalizer(4, 4, "vqa", heads=CANDIDATES, rows_per_forward=16)
+    for start in range(0, len(items), 2):
+        plain.update(adapter, encode_items(adapter, items[start : start + 2], with_targets=True))
+    heads = plain.compute()
+    deltas = [float(heads.delta[h]) for h in heads.top_heads(3)]
+    attributor = NeuronAttributor(4, adapter.ffn_width, heads.top_heads(3), deltas, "vqa", rows_per_forward=8)
+    for start in range(0, len(items), 2):
+        attributor.update(adapter, encode_items(adapter, items[start : start + 2], with_targets=False))
+    return heads, attributor.compute()
+
+
 def test_callback_chain_equals_plain_accumulators(tiny_llava: VLMAdapter, make_image, tmp_path: Path) -> None:
     items = make_items(make_image)
     module = ShapesModule(tiny_llava)
@@ -115,10 +129,7 @@ def test_callback_chain_equals_plain_accumulators(tiny_llava: VLMAdapter, make_i
     heads_cb = HeadLocalizationCallback(heads=CANDIDATES, top_k=3, rows_per_forward=16, output_dir=out)
     trainer(tmp_path, [heads_cb]).validate(module, encoded_loader(tiny_llava, items, with_targets=True), verbose=False)
 
-    plain = HeadLocalizer(4, 4, "vqa", heads=CANDIDATES, rows_per_forward=16)
-    for start in (0, 2):
-        plain.update(tiny_llava, encode_items(tiny_llava, items[start : start + 2], with_targets=True))
-    expected = plain.compute()
+    expected, result = plain_accumulators(tiny_llava, items)
     assert heads_cb.task == "vqa" and heads_cb.scores is not None
     torch.testing.assert_close(heads_cb.scores.delta, expected.delta, equal_nan=True)
     assert heads_cb.top_heads == expected.top_heads(3)
@@ -129,11 +140,6 @@ def test_callback_chain_equals_plain_accumulators(tiny_llava: VLMAdapter, make_i
     # §3 from the head callback; prompt-only batches this time (labels are not needed)
     neurons_cb = NeuronAttributionCallback(heads=heads_cb, rows_per_forward=8, gradient_baseline=True, output_dir=out)
     trainer(tmp_path, [neurons_cb]).validate(module, encoded_loader(tiny_llava, items, with_targets=False), verbose=False)
-    deltas = [float(expected.delta[h]) for h in expected.top_heads(3)]
-    attributor = NeuronAttributor(4, tiny_llava.ffn_width, expected.top_heads(3), deltas, "vqa", rows_per_forward=8)
-    for start in (0, 2):
-        attributor.update(tiny_llava, encode_items(tiny_llava, items[start : start + 2], with_targets=False))
-    result = attributor.compute()
     assert neurons_cb.result is not None
     torch.testing.assert_close(neurons_cb.result.importance, result.importance)
     assert [(e.layer, e.neuron) for e in neurons_cb.bank] == [(e.layer, e.neuron) for e in result.select(0.01)]

@@ -23,13 +23,11 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
-from test_callbacks import CANDIDATES, ShapesModule, encoded_loader, make_items
+from test_callbacks import CANDIDATES, ShapesModule, encoded_loader, make_items, plain_accumulators
 from test_steering import MaxScaleProbe, loader, selection, toy_batch, trainer, write_selection
 
-from hones.attribution.batches import encode_items
 from hones.attribution.callbacks import HeadLocalizationCallback, NeuronAttributionCallback
-from hones.attribution.heads import HeadLocalizer, HeadScores
-from hones.attribution.neurons import NeuronAttributor
+from hones.attribution.heads import HeadScores
 from hones.models import VLMAdapter, build_tiny_llava, wrap_model
 from hones.steering.module import SteeringModule
 
@@ -79,21 +77,13 @@ def gpu_trainer(**kwargs: Any) -> L.Trainer:
 
 
 def cpu_references(items: list) -> tuple[HeadScores, torch.Tensor]:
-    """The plain CPU accumulators: §2 head scores and the §3 importance ``[layers, ffn]`` for their top 3.
+    """test_callbacks' plain CPU accumulators: §2 head scores and the §3 importance ``[layers, ffn]``.
 
     Computed before any GPU run: once a NCCL process group is up, torchmetrics would try to
     reduce these CPU states over it.
     """
-    adapter = private_llava()
-    plain = HeadLocalizer(4, 4, "vqa", heads=CANDIDATES, rows_per_forward=16)
-    for start in (0, 2):
-        plain.update(adapter, encode_items(adapter, items[start : start + 2], with_targets=True))
-    heads = plain.compute()
-    deltas = [float(heads.delta[h]) for h in heads.top_heads(3)]
-    attributor = NeuronAttributor(4, adapter.ffn_width, heads.top_heads(3), deltas, "vqa", rows_per_forward=8)
-    for start in (0, 2):
-        attributor.update(adapter, encode_items(adapter, items[start : start + 2], with_targets=False))
-    return heads, attributor.compute().importance
+    heads, neurons = plain_accumulators(private_llava(), items)
+    return heads, neurons.importance
 
 
 def check_callbacks_on_gpu(make_image: Any, tmp_path: Path, **trainer_kwargs: Any) -> None:
