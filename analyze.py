@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import fields
 from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -70,7 +69,7 @@ def expand_bare_flags(argv: list[str], flags: tuple[str, ...] = ("--overwrite",)
 
 def config_from(namespace: Any) -> AnalyzeConfig:
     """An ``AnalyzeConfig`` from a parsed (and instantiated) subcommand namespace."""
-    return AnalyzeConfig(**{f.name: getattr(namespace, f.name) for f in fields(AnalyzeConfig)})
+    return AnalyzeConfig.from_namespace(namespace)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hones import io
+from hones.adapter_host import AdapterHost, trainer_datamodule
 from hones.metrics import build_metric, group_ids, postprocess_generation
 
 TASKS = ("vqa", "ocr", "caption", "retrieval")
@@ -170,7 +171,7 @@ class EpochScoring:
         self._end(self.test_tag())
 
 
-class EvalModule(EpochScoring, L.LightningModule):
+class EvalModule(AdapterHost, EpochScoring, L.LightningModule):
     """Evaluate a model (hub id or local directory) on one task.
 
     Args:
@@ -207,27 +208,11 @@ class EvalModule(EpochScoring, L.LightningModule):
         self._rows: list[dict[str, Any]] = []
         self.results: dict[str, Any] = {}
 
-    # -- model -----------------------------------------------------------------
-    def configure_model(self) -> None:
-        if self.adapter is not None:
-            return
-        from hones.models import load_module_adapter
-
-        self.adapter = load_module_adapter(self, self._adapter_factory)
-        self.vlm = self.adapter.model  # registered so Lightning moves it to the device
-
-    def setup(self, stage: str) -> None:
-        self.configure_model()
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "set_encoder"):
-            datamodule.set_encoder(self.adapter.encode)
-
     def run_dir(self) -> Path | None:
         """``output_dir`` with ``{task}``, ``{dataset}`` and ``{split}`` filled in (None without one)."""
         if not self.hparams.output_dir:
             return None
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        data = getattr(datamodule, "hparams", {}) or {}
+        data = getattr(trainer_datamodule(self), "hparams", {}) or {}
         fields = {"task": self.hparams.task, "dataset": data.get("dataset", "data"), "split": data.get("split", "eval")}
         return Path(str(self.hparams.output_dir).format(**fields))
 

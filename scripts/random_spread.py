@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import math
 import sys
-import warnings
-from dataclasses import fields
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -31,10 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hones import io  # noqa: E402
 from hones.attribution.bank import read_bank  # noqa: E402
 from hones.attribution.baselines import random_selection  # noqa: E402
-from hones.attribution.callbacks import MaskingVerificationCallback  # noqa: E402
-from hones.attribution.pipeline import AttributionModule, TaskRun, build_datamodule  # noqa: E402
+from hones.attribution.pipeline import single_task_run  # noqa: E402
 from hones.attribution.run_state import AnalysisError  # noqa: E402
-from hones.attribution.settings import AnalyzeConfig, model_identity  # noqa: E402
+from hones.attribution.settings import AnalyzeConfig  # noqa: E402
 
 
 def build_parser() -> ArgumentParser:
@@ -76,16 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parsed = parser.parse_args(argv)
     if parsed.draws < 1:
         parser.error("--draws must be at least 1")
-    section = parser.instantiate_classes(parsed)
-    config = AnalyzeConfig(**{f.name: getattr(section, f.name) for f in fields(AnalyzeConfig)})
-    tasks = config.task_list()
-    if len(tasks) != 1:
-        parser.error(f"give one task with --task (the config lists {', '.join(tasks)})")
-    task = tasks[0]
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r"predict returned None")
-    module = AttributionModule(config.model, config.dtype, config.trust_remote_code)
-    run = TaskRun(config, task, module, identity=model_identity(config.model))
+    run = single_task_run(parser, parsed)
+    config, task, module = run.config, run.task, run.module
     bank_path = run.run_dir / "bank_hones.json"
     try:  # the bank must come from a neurons stage with these very settings
         finished = run.state.is_done("neurons", run.fingerprint("neurons"))
@@ -101,26 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     hones_bank = read_bank(bank_path, adapter.num_layers, adapter.ffn_width)
     seeds = [config.neurons.baseline_seed + k for k in range(1, parsed.draws + 1)]
     banks = {"hones": hones_bank, **{f"random_seed{s}": random_selection(hones_bank, adapter.ffn_width, seed=s) for s in seeds}}
-    datamodule = build_datamodule(config, task, config.test, with_targets=False)
-    print(f"[random_spread] {config.name()}/{task}: {len(hones_bank)} neurons, {len(datamodule.items)} test items, "
-          f"HONES + {len(seeds)} random draws (seeds {seeds[0]}..{seeds[-1]})", file=sys.stderr)  # fmt: skip
-    callback = MaskingVerificationCallback(
-        banks=banks, task=task, metric_mode=config.masking.metric_mode, max_new_tokens=config.masking.max_new_tokens,
-        stages=("predict",),
-    )  # fmt: skip
-    trainer = run.trainer([callback], logger=False)  # the run's TensorBoard gets no second set of masking scalars
-    trainer.predict(module, datamodule=datamodule, return_predictions=False)
-    if not trainer.is_global_zero:
+    what = f"{len(hones_bank)} neurons, HONES + {len(seeds)} random draws (seeds {seeds[0]}..{seeds[-1]})"
+    results, head = run.mask_test_split(banks, "random_spread", what)
+    if results is None:  # not rank 0
         return 0
-    results = callback.results
     draws = [{"seed": s, "masked": results["banks"][f"random_seed{s}"]["masked"]} for s in seeds]
     summary = {
-        "task": task,
-        "metric": results["metric"],
-        "metric_mode": config.masking.metric_mode,
-        "split": config.test.split,
-        "num_items": len(datamodule.items),
-        "test_limit": config.test.limit,
+        **head,
         "num_neurons": len(hones_bank),
         **spread_summary(results["base"], results["banks"]["hones"]["masked"], draws),
     }

@@ -29,6 +29,8 @@ from __future__ import annotations
 import math
 import shutil
 import sys
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -39,6 +41,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from hones import io
+from hones.adapter_host import AdapterHost
 from hones.attribution.activation_banks import ape_banks, load_activation_probability, statistic_banks
 from hones.attribution.bank import BankEntry, load_head_scores, neurons_per_layer, read_bank, write_bank
 from hones.attribution.callbacks import (
@@ -67,11 +70,11 @@ COMMANDS = ("all", "heads", "neurons", "mask")
 
 
 # -- the module -------------------------------------------------------------------------------
-class AttributionModule(L.LightningModule):
+class AttributionModule(AdapterHost, L.LightningModule):
     """Holds the VLM (``.adapter``) for the attribution callbacks; its steps do nothing.
 
-    Hooks implemented: ``configure_model`` (load the adapter, once per process),
-    ``setup`` (hand the adapter's encoder to the datamodule), ``predict_step`` (no-op).
+    Hooks: ``configure_model`` and ``setup`` from :class:`~hones.adapter_host.AdapterHost` (load
+    the adapter once per process, hand its encoder to the datamodule), ``predict_step`` (no-op).
 
     Args:
         model: hub id or local directory; dtype: fp32 | bf16 | fp16.
@@ -90,25 +93,22 @@ class AttributionModule(L.LightningModule):
         self._adapter_factory = adapter_factory
         self.adapter: Any = None
 
-    def configure_model(self) -> None:
-        if self.adapter is not None:
-            return
-        from hones.models import load_module_adapter
-
-        self.adapter = load_module_adapter(self, self._adapter_factory)
-        self.vlm = self.adapter.model  # registered so that Lightning moves it to the device
-
-    def setup(self, stage: str) -> None:
-        self.configure_model()
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "set_encoder"):
-            datamodule.set_encoder(self.adapter.encode)
-
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         return None
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def single_task_run(parser: Any, parsed: Any) -> TaskRun:
+    """The ``TaskRun`` a script works on: its parsed ``AnalyzeConfig`` must name one task
+    (``--task``), else ``parser.error``. The model is not loaded yet."""
+    config = AnalyzeConfig.from_namespace(parser.instantiate_classes(parsed))
+    tasks = config.task_list()
+    if len(tasks) != 1:
+        parser.error(f"give one task with --task (the config lists {', '.join(tasks)})")
+    module = AttributionModule(config.model, config.dtype, config.trust_remote_code)
+    return TaskRun(config, tasks[0], module, identity=model_identity(config.model))
+
+
 def is_global_zero() -> bool:
     """Whether this process writes the run folder (rank 0, or no distributed run)."""
     return int(getattr(rank_zero_only, "rank", 0)) == 0
@@ -214,6 +214,36 @@ class TaskRun:
     def logger(self) -> TensorBoardLogger:
         """The run folder's TensorBoard logger (``<run>/tensorboard``)."""
         return TensorBoardLogger(str(self.run_dir), name="", version="tensorboard", default_hp_metric=False)
+
+    def mask_test_split(
+        self, banks: Mapping[str, Sequence[BankEntry]], label: str, what: str
+    ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """Mask the test split with ``banks`` in one predict pass, outside the run's stages.
+
+        For scripts that measure more selections than the mask stage's (random draws,
+        whole layers): no state is recorded and no TensorBoard scalars are written. Returns
+        the masking callback's ``results`` (None on ranks other than 0) and the head of a
+        summary JSON (task, metric, mode, split, item count, limit); ``label`` and ``what``
+        make the one progress line on stderr.
+        """
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=r"predict returned None")
+        datamodule = build_datamodule(self.config, self.task, self.config.test, with_targets=False)
+        print(f"[{label}] {self.config.name()}/{self.task}: {len(datamodule.items)} test items, {what}", file=sys.stderr)
+        masking = self.config.masking
+        callback = MaskingVerificationCallback(
+            banks=dict(banks), task=self.task, metric_mode=masking.metric_mode, max_new_tokens=masking.max_new_tokens,
+            stages=("predict",),
+        )  # fmt: skip
+        trainer = self.trainer([callback], logger=False)
+        trainer.predict(self.module, datamodule=datamodule, return_predictions=False)
+        if not trainer.is_global_zero:
+            return None, {}
+        head = {
+            "task": self.task, "metric": callback.results["metric"], "metric_mode": masking.metric_mode,
+            "split": self.config.test.split, "num_items": len(datamodule.items), "test_limit": self.config.test.limit,
+        }  # fmt: skip
+        return callback.results, head
 
     def trainer(self, callbacks: Sequence[Callback], logger: Any = None) -> L.Trainer:
         """A predict-only Trainer from the run's trainer settings; ``logger`` defaults to ``self.logger()``

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -225,6 +225,11 @@ class AnalyzeConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @classmethod
+    def from_namespace(cls, namespace: Any) -> AnalyzeConfig:
+        """The config from a parsed (and instantiated) jsonargparse namespace holding its fields."""
+        return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls)})
 
     # -- derived values -----------------------------------------------------------------
     def task_list(self) -> list[str]:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from hones import io
+from hones.adapter_host import AdapterHost
 from hones.attribution.batches import batch_size, ensure_prompt_only, ensure_targets
 from hones.attribution.bank import BankError
 from hones.evaluation import METRIC_MODES, EpochScoring, TaskScorer, summarize_epoch
@@ -64,7 +65,7 @@ def cosine_decay_factor(step: int, total_steps: int, floor: float = DEFAULT_MIN_
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class SteeringModule(EpochScoring, L.LightningModule):
+class SteeringModule(AdapterHost, EpochScoring, L.LightningModule):
     """HONES steering of one model on one task.
 
     Args:
@@ -183,12 +184,6 @@ class SteeringModule(EpochScoring, L.LightningModule):
         if self.adapter is not None:
             self.adapter.model.eval()
         return self
-
-    def setup(self, stage: str) -> None:
-        self.configure_model()
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "set_encoder"):
-            datamodule.set_encoder(self.adapter.encode)
 
     @contextmanager
     def steering(self) -> Iterator[NeuronScaler | None]:
