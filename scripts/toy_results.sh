@@ -5,7 +5,8 @@
 # 3. the cross-task analyses, 4. the steering comparison of every §5 method per task,
 # 5. the same at a 5% budget (70 neurons: attribution, masking, steering on all four tasks),
 # 6. HONES against 8 more random draws (scripts/random_spread.py) at both budgets,
-# 7. the budget sweep: HONES and random at 10% and 20%.
+# 7. the budget sweep: HONES and random at 10% and 20%, 8. whole-layer FFN masking per task,
+# 9. steering with every neuron's scale free (Base and HONES).
 # Each stage resumes or skips finished work when rerun; pass OVERWRITE=1 to recompute.
 set -euo pipefail
 model="${1:?usage: bash scripts/toy_results.sh llava|qwen2_5_vl}"
@@ -36,4 +37,16 @@ done
 for pct in 10 20; do
   "$py" analyze.py all --config "configs/analyze/toy_$model.yaml" --model_name "toy-$model-${pct}pct" \
     --neurons.top_ratio "0.$pct" --masking.methods "[hones, random]" --overwrite "$overwrite"
+done
+# 8. how much each task depends on the FFNs at all: every layer's whole FFN masked (retrieval on 100 test images)
+for task in vqa ocr caption; do
+  "$py" scripts/ffn_dependence.py --config "configs/analyze/toy_$model.yaml" --task "$task"
+done
+"$py" scripts/ffn_dependence.py --config "configs/analyze/toy_$model.yaml" --task retrieval --test.limit 100
+# 9. steering with every neuron's scale free (Base and HONES only): the §5 objective when the bank is not the limit
+"$py" scripts/every_neuron_bank.py --model "models/toy-$model" --out "runs/steering/toy-$model-all/bank_all.json"
+for task in vqa ocr caption retrieval; do
+  "$py" train.py compare --config "configs/steering/toy_${model}_${task}.yaml" \
+    --model.bank "runs/steering/toy-$model-all/bank_all.json" --compare.methods "[base, hones]" \
+    --model.output_dir "runs/steering/toy-$model-all/$task" --compare.output_dir "runs/steering/toy-$model-all/$task/compare"
 done

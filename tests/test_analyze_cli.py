@@ -369,6 +369,37 @@ def test_random_spread_script(full_run: dict[str, Any], world: Path, model_dir: 
     assert not (out / "tiny" / "ocr" / "random_spread.json").exists()
 
 
+def test_ffn_dependence_script(
+    full_run: dict[str, Any], world: Path, model_dir: Path, tiny_llava: VLMAdapter, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``scripts/ffn_dependence.py``: every layer's whole FFN masked, then all layers, on the run's test items."""
+    script = load_script(ROOT / "scripts" / "ffn_dependence.py", "ffn_dependence")
+    out = tmp_path / "runs"
+    args = cli_args("all", world, model_dir, out, "--task", "retrieval")[1:]  # NDCG > 0 even for an untrained model
+    assert script.main(args) == 0
+    result = json.loads((out / "tiny" / "retrieval" / "ffn_dependence.json").read_text())
+    masking = json.loads((full_run["root"] / "retrieval" / "masking.json").read_text())
+    assert result["base"] == pytest.approx(masking["methods"]["hones"]["base"])  # same test items, same model
+    layers, width = tiny_llava.num_layers, tiny_llava.ffn_width
+    assert list(result["masks"]) == [f"layer{l}" for l in range(layers)] + ["all_layers"]
+    for name, row in result["masks"].items():
+        assert row["num_neurons"] == (layers * width if name == "all_layers" else width), name
+        assert row["relative_drop"] == pytest.approx(100 * (result["base"] - row["masked"]) / abs(result["base"]))
+    assert "all_layers (" in capsys.readouterr().out
+
+
+def test_every_neuron_bank_script(model_dir: Path, tiny_llava: VLMAdapter, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    script = load_script(ROOT / "scripts" / "every_neuron_bank.py", "every_neuron_bank")
+    assert script.main(["--model", str(model_dir), "--out", str(tmp_path / "all.json")]) == 0
+    entries = read_bank(tmp_path / "all.json", tiny_llava.num_layers, tiny_llava.ffn_width)
+    assert {(e.layer, e.neuron) for e in entries} == {
+        (l, i) for l in range(tiny_llava.num_layers) for i in range(tiny_llava.ffn_width)
+    }
+    assert f"= {tiny_llava.num_layers * tiny_llava.ffn_width} ->" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
+        script.main(["--model", str(tmp_path / "models" / "missing"), "--out", str(tmp_path / "x.json")])
+
+
 def test_random_spread_summary() -> None:
     script = load_script(ROOT / "scripts" / "random_spread.py", "random_spread")
     draws = [{"seed": 1, "masked": 0.5}, {"seed": 2, "masked": 0.7}, {"seed": 3, "masked": 0.6}]

@@ -22,6 +22,7 @@ from hones.attribution.bank import (
     save_head_scores,
     save_matrices,
     validate_bank,
+    whole_layer_bank,
     write_bank,
     write_head_list,
 )
@@ -230,6 +231,13 @@ def test_bank_round_trip_and_layer_dict(tmp_path) -> None:
     layer_dict = bank_to_layer_dict(loaded)
     assert sorted(layer_dict) == [0, 2] and layer_dict[2].tolist() == [3, 5]
     assert bank_mask(loaded, 3, 8).sum() == 3
+
+
+def test_whole_layer_bank() -> None:
+    entries = whole_layer_bank([2, 0], ffn_width=3)
+    assert [(e.layer, e.neuron, e.rank) for e in entries] == [(2, 0, 0), (2, 1, 1), (2, 2, 2), (0, 0, 3), (0, 1, 4), (0, 2, 5)]
+    assert all(math.isnan(e.score) for e in entries)
+    assert bank_mask(whole_layer_bank(range(3), 4), 3, 4).all()
 
 
 def test_bank_per_layer_layout(tmp_path) -> None:

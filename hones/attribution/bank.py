@@ -128,6 +128,13 @@ def read_bank(path: str | os.PathLike, num_layers: int | None = None, ffn_width:
     return validate_bank(parse_bank(data, str(path)), num_layers, ffn_width, str(path))
 
 
+def whole_layer_bank(layers: Iterable[int], ffn_width: int) -> list[BankEntry]:
+    """Every neuron of the given layers (scores NaN, ranks in layer order): whole-FFN masks and the
+    every-neuron steering bound (``scripts/ffn_dependence.py``, ``scripts/every_neuron_bank.py``)."""
+    cells = [(layer, neuron) for layer in layers for neuron in range(ffn_width)]
+    return [BankEntry(layer, neuron, float("nan"), rank) for rank, (layer, neuron) in enumerate(cells)]
+
+
 def bank_to_layer_dict(entries: Iterable[BankEntry]) -> dict[int, Tensor]:
     """layer -> LongTensor of neuron ids (sorted), the form ``zero_neurons`` takes."""
     layers: dict[int, list[int]] = {}
