@@ -6,8 +6,8 @@
 # 5. the same at a 5% budget (70 neurons: attribution, masking, steering on all four tasks),
 # 6. HONES against 8 more random draws (scripts/random_spread.py) at both budgets,
 # 7. the budget sweep: HONES and random at 10% and 20%, 8. whole-layer FFN masking per task,
-# 9. steering with every neuron's scale free (Base and HONES).
-# Each stage resumes or skips finished work when rerun; pass OVERWRITE=1 to recompute.
+# 9. steering with every neuron's scale free (Base and HONES), 10. steering on a 2000-image dev split.
+# The analyze.py stages resume or skip finished work when rerun (OVERWRITE=1 recomputes them); the other steps rerun.
 set -euo pipefail
 model="${1:?usage: bash scripts/toy_results.sh llava|qwen2_5_vl}"
 case "$model" in llava|qwen2_5_vl) ;; *) echo "unknown model '$model' (llava or qwen2_5_vl)" >&2; exit 2;; esac
@@ -49,4 +49,14 @@ for task in vqa ocr caption retrieval; do
   "$py" train.py compare --config "configs/steering/toy_${model}_${task}.yaml" \
     --model.bank "runs/steering/toy-$model-all/bank_all.json" --compare.methods "[base, hones]" \
     --model.output_dir "runs/steering/toy-$model-all/$task" --compare.output_dir "runs/steering/toy-$model-all/$task/compare"
+done
+# 10. a paper-sized dev split (§6: up to 2000 images): the same world with 2000 dev images (images are made
+# per index, so every other split is unchanged), the 14-neuron banks, Base and HONES
+[ -f runs/toyworld_dev2000/toyworld.json ] || "$py" -m hones.data.toyworld --out runs/toyworld_dev2000 --n-train 0 --n-dev 2000
+W=runs/toyworld_dev2000
+for task in vqa ocr caption retrieval; do
+  "$py" train.py compare --config "configs/steering/toy_${model}_${task}.yaml" \
+    --data.annotation_file "$W/coco/unified.json" --data.image_root "$W/coco/images" --data.split_file "$W/splits/dev.json" \
+    --compare.test_split_file "$W/splits/test.json" --compare.methods "[base, hones]" \
+    --model.output_dir "runs/steering/toy-$model-dev2000/$task" --compare.output_dir "runs/steering/toy-$model-dev2000/$task/compare"
 done
