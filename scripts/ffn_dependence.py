@@ -1,10 +1,10 @@
 """How much a task depends on the FFN neurons at all: whole-layer FFN masking on the test split.
 
 Masks every neuron of one layer's FFN (z = 0 at every position, as in §4), for each layer in
-turn and then all layers at once, and reports the metric's relative drop. No selection of
-neurons can remove more of the metric than masking all of them, so this bounds what any
-§4 neuron-identification method can show on a (model, task): where even whole-layer masking
-leaves the metric in place, HONES and random selections tie by construction.
+turn and then all layers at once, and reports the metric's relative drop. It shows where a
+task's FFN computation sits, as a reference for the §4 selections: a selection drawn from
+layers whose whole FFN costs the task little is unlikely to cost it much. It is not a strict
+bound: masking effects do not add up (masking every layer can remove less than masking one).
 
     python scripts/ffn_dependence.py --config configs/analyze/toy_llava.yaml --task ocr
     python scripts/ffn_dependence.py --config configs/analyze/toy_llava.yaml --task retrieval --test.limit 100

@@ -129,8 +129,8 @@ def read_bank(path: str | os.PathLike, num_layers: int | None = None, ffn_width:
 
 
 def whole_layer_bank(layers: Iterable[int], ffn_width: int) -> list[BankEntry]:
-    """Every neuron of the given layers (scores NaN, ranks in layer order): whole-FFN masks and the
-    every-neuron steering bound (``scripts/ffn_dependence.py``, ``scripts/every_neuron_bank.py``)."""
+    """Every neuron of the given layers (scores NaN, ranks in layer order): whole-FFN masks and
+    steering with every scale free (``scripts/ffn_dependence.py``, ``scripts/every_neuron_bank.py``)."""
     cells = [(layer, neuron) for layer in layers for neuron in range(ffn_width)]
     return [BankEntry(layer, neuron, float("nan"), rank) for rank, (layer, neuron) in enumerate(cells)]
 
