@@ -29,8 +29,7 @@ def model_sizes(model: str) -> tuple[int, int]:
     from transformers import AutoConfig
 
     check_local_model(model)
-    config = AutoConfig.from_pretrained(model)
-    text = getattr(config, "text_config", None) or config
+    text = AutoConfig.from_pretrained(model).get_text_config()  # what VLMAdapter.text_config reads
     return int(text.num_hidden_layers), int(text.intermediate_size)
 
 
