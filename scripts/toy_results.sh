@@ -52,7 +52,7 @@ for task in vqa ocr caption retrieval; do
 done
 # 10. a paper-sized dev split (§6: up to 2000 images): the same world with 2000 dev images (images are made
 # per index, so every other split is unchanged), the 14-neuron banks, Base and HONES
-[ -f runs/toyworld_dev2000/toyworld.json ] || "$py" -m hones.data.toyworld --out runs/toyworld_dev2000 --n-train 0 --n-dev 2000
+"$py" -m hones.data.toyworld --out runs/toyworld_dev2000 --n-train 0 --n-dev 2000 --if-missing
 W=runs/toyworld_dev2000
 for task in vqa ocr caption retrieval; do
   "$py" train.py compare --config "configs/steering/toy_${model}_${task}.yaml" \

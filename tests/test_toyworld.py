@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from hones.data.formats import load_coco_unified, load_flickr30k, load_gqa, load
 from hones.data.tasks import task_prompt
 from hones.data.toyworld import (
     COCO_SPLITS,
+    LOCK_NAME,
     WORDS,
     ToyWorldConfig,
     coco_item,
@@ -30,7 +33,7 @@ def tree_digest(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and "hf_cache" not in p.parts
+        if p.is_file() and "hf_cache" not in p.parts and p.name != LOCK_NAME
     }
 
 
@@ -127,6 +130,21 @@ def test_cli_refuses_non_empty_dir(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main([*args, "--force"]) == 0
     assert (out / "keep.txt").exists() and (out / "toyworld.json").is_file()
     assert len(list((out / "coco/images").iterdir())) == 5
+
+
+def test_if_missing_processes_take_turns(world: Path, tmp_path: Path) -> None:
+    """Two `--if-missing` runs started together: one generates, the other waits and reuses it."""
+    out = tmp_path / "shared"
+    args = ["-m", "hones.data.toyworld", "--out", str(out), "--n-train", "5", "--n-discovery", "4",
+            "--n-dev", "3", "--n-test", "4", "--n-ood", "5", "--if-missing"]  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    results = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err.decode() for _, err in results]
+    assert sum(b"generating the toy world" in err for _, err in results) == 1
+    assert tree_digest(out) == tree_digest(world)
+    other = ["--out", str(out), "--seed", "3", "--if-missing"]
+    assert main(other) == 2  # same folder, other settings: refused, nothing rewritten
+    assert tree_digest(out) == tree_digest(world)
 
 
 def test_toy_corpus(world: Path) -> None:

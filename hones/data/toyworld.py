@@ -36,11 +36,17 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; generate worlds one at a time there
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -666,12 +672,13 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) -
 
 
 OWNED_ENTRIES = ("coco", "splits", "gqa", "textvqa", "flickr30k", "toyworld.json")
+LOCK_NAME = ".toyworld.lock"  # held by ensure_world; not part of the world
 
 
 def _prepare_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"toyworld: {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(entry.name != LOCK_NAME for entry in out.iterdir()):
         if not force:
             raise FileExistsError(f"toyworld: output directory {out} is not empty; pass --force to overwrite it")
         for name in OWNED_ENTRIES:
@@ -821,6 +828,31 @@ def ensure_world(out_dir: str | os.PathLike[str], config: ToyWorldConfig = ToyWo
     folder and the differing settings) rather than a silent mix of two worlds.
     """
     out = Path(out_dir)
+    with _world_lock(out):
+        return _ensure_world_locked(out, config)
+
+
+@contextmanager
+def _world_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<out>/.toyworld.lock`` while a world is checked or made.
+
+    Two processes that need the same world at once (two analyses started side by side on a
+    fresh clone) then take turns: the first generates it, the second finds its manifest.
+    Without ``fcntl`` (Windows) there is no lock.
+    """
+    if fcntl is None:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_NAME, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _ensure_world_locked(out: Path, config: ToyWorldConfig) -> dict[str, Any]:
     manifest_path = out / "toyworld.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -850,7 +882,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-dev", type=int, default=200)
     parser.add_argument("--n-test", type=int, default=300)
     parser.add_argument("--n-ood", type=int, default=300, help="images per OOD set (GQA, TextVQA, Flickr30k)")
-    parser.add_argument("--force", action="store_true", help="overwrite the toy world files in a non-empty --out")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--force", action="store_true", help="overwrite the toy world files in a non-empty --out")
+    existing.add_argument(
+        "--if-missing", action="store_true",
+        help="keep an existing world made with these settings (an error if its settings differ); "
+        "waits while another process generates it",
+    )
     args = parser.parse_args(argv)
     try:
         config = ToyWorldConfig(
@@ -860,13 +898,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     start = time.perf_counter()
     try:
-        manifest = generate_world(args.out, config, force=args.force)
-    except FileExistsError as err:
+        if args.if_missing:
+            manifest = ensure_world(args.out, config)
+        else:
+            manifest = generate_world(args.out, config, force=args.force)
+    except (FileExistsError, ValueError) as err:
         print(err, file=sys.stderr)
         return 2
     counts = manifest["counts"]
     print(
-        f"toy world written to {args.out} in {time.perf_counter() - start:.1f}s: coco {counts['coco']}, "
+        f"toy world {'ready in' if args.if_missing else 'written to'} {args.out} after {time.perf_counter() - start:.1f}s: coco {counts['coco']}, "
         f"gqa {counts['gqa_questions']} questions, textvqa {counts['textvqa_questions']} questions, "
         f"flickr30k {counts['flickr30k_images']} images"
     )
