@@ -17,22 +17,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-
-from jsonargparse import ActionConfigFile, ArgumentParser
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hones import io  # noqa: E402
 from hones.attribution.bank import BankEntry, whole_layer_bank  # noqa: E402
-from hones.attribution.pipeline import single_task_run  # noqa: E402
-from hones.attribution.settings import AnalyzeConfig  # noqa: E402
+from hones.attribution.pipeline import run_script_parser, single_task_run  # noqa: E402
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="ffn_dependence.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", action=ActionConfigFile, help="an analyze YAML config (configs/analyze/*.yaml)")
-    parser.add_class_arguments(AnalyzeConfig, None, fail_untyped=True)
-    return parser
+def build_parser() -> Any:
+    return run_script_parser("ffn_dependence.py", __doc__.split("\n\n")[0])
 
 
 def layer_banks(num_layers: int, ffn_width: int) -> dict[str, list[BankEntry]]:

@@ -21,23 +21,17 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-
-from jsonargparse import ActionConfigFile, ArgumentParser
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hones import io  # noqa: E402
 from hones.attribution.bank import read_bank  # noqa: E402
-from hones.attribution.baselines import random_selection  # noqa: E402
-from hones.attribution.pipeline import single_task_run  # noqa: E402
-from hones.attribution.run_state import AnalysisError  # noqa: E402
-from hones.attribution.settings import AnalyzeConfig  # noqa: E402
+from hones.attribution.pipeline import finished_neurons_run, run_script_parser  # noqa: E402
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="random_spread.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", action=ActionConfigFile, help="the analyze YAML config of the run (configs/analyze/*.yaml)")
-    parser.add_class_arguments(AnalyzeConfig, None, fail_untyped=True)
+def build_parser() -> Any:
+    parser = run_script_parser("random_spread.py", __doc__.split("\n\n")[0])
     parser.add_argument("--draws", type=int, default=8, help="random banks besides the run's own bank_random.json")
     return parser
 
@@ -73,23 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     parsed = parser.parse_args(argv)
     if parsed.draws < 1:
         parser.error("--draws must be at least 1")
-    run = single_task_run(parser, parsed)
-    config, task, module = run.config, run.task, run.module
-    bank_path = run.run_dir / "bank_hones.json"
-    try:  # the bank must come from a neurons stage with these very settings
-        finished = run.state.is_done("neurons", run.fingerprint("neurons"))
-    except AnalysisError as error:
-        print(f"random_spread.py: {error}", file=sys.stderr)
+    run = finished_neurons_run(parser, parsed, "random_spread.py")  # the bank must come from these very settings
+    if run is None:
         return 2
-    if not finished or not bank_path.is_file():
-        print(f"random_spread.py: {run.run_dir}: no finished neurons stage; run `analyze.py neurons` with these settings first", file=sys.stderr)
-        return 2
-
-    module.configure_model()
-    adapter = module.adapter
-    hones_bank = read_bank(bank_path, adapter.num_layers, adapter.ffn_width)
+    config, task, adapter = run.config, run.task, run.module.adapter
+    hones_bank = read_bank(run.run_dir / "bank_hones.json", adapter.num_layers, adapter.ffn_width)
+    banks = {"hones": hones_bank, **run.random_draws(hones_bank, parsed.draws)}
     seeds = [config.neurons.baseline_seed + k for k in range(1, parsed.draws + 1)]
-    banks = {"hones": hones_bank, **{f"random_seed{s}": random_selection(hones_bank, adapter.ffn_width, seed=s) for s in seeds}}
     what = f"{len(hones_bank)} neurons, HONES + {len(seeds)} random draws (seeds {seeds[0]}..{seeds[-1]})"
     results, head = run.mask_test_split(banks, "random_spread", what)
     if results is None:  # not rank 0

@@ -369,6 +369,33 @@ def test_random_spread_script(full_run: dict[str, Any], world: Path, model_dir: 
     assert not (out / "tiny" / "ocr" / "random_spread.json").exists()
 
 
+def test_teacher_forced_masking_script(
+    full_run: dict[str, Any], world: Path, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``scripts/teacher_forced_masking.py``: every bank of the run plus random draws; the metric agrees with masking.json."""
+    out = tmp_path / "runs"
+    shutil.copytree(full_run["out"], out)
+    script = load_script(ROOT / "scripts" / "teacher_forced_masking.py", "teacher_forced_masking")
+    args = cli_args("all", world, model_dir, out, "--task", "vqa")[1:]
+    assert script.main([*args, "--draws", "2"]) == 0
+    result = json.loads((out / "tiny" / "vqa" / "teacher_forced_masking.json").read_text())
+    masking = json.loads((out / "tiny" / "vqa" / "masking.json").read_text())
+    assert result["measure"].startswith("mean log p") and result["score_base"] < 0
+    assert set(result["selections"]) == set(masking["methods"]) | {"random_seed1", "random_seed2"}
+    for method, row in masking["methods"].items():  # same banks, same items: the same masked metric
+        assert result["selections"][method]["metric_masked"] == pytest.approx(row["masked"]), method
+    for row in result["selections"].values():
+        assert row["score_drop"] == pytest.approx(result["score_base"] - row["score_masked"])
+    draws = result["random_draws"]
+    assert draws["num_draws"] == 3  # the two draws and the run's own random bank
+    drops = [result["selections"][name]["score_drop"] for name in ("random_seed1", "random_seed2", "random")]
+    assert draws["mean_score_drop"] == pytest.approx(sum(drops) / 3)
+    assert draws["hones_beats"] == sum(result["selections"]["hones"]["score_drop"] > d for d in drops)
+    assert "random draws: score drop" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        script.main([*args, "--draws", "-1"])
+
+
 def test_ffn_dependence_script(
     full_run: dict[str, Any], world: Path, model_dir: Path, tiny_llava: VLMAdapter, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

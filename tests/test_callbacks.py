@@ -194,6 +194,7 @@ def test_masking_callback_with_bank_files_and_factory(tiny_qwen2_5_vl: VLMAdapte
         banks={"mine": str(path), "empty_layer": [BankEntry(3, 0, 1.0, 0)]},
         stages=("predict",),
         adapter_factory=lambda module: tiny_qwen2_5_vl,
+        target_logprob=True,
     )
     trainer(tmp_path, [masking_cb]).predict(Plain(), DataLoader(items, batch_size=2, collate_fn=items_only))
     results = masking_cb.results
@@ -203,6 +204,53 @@ def test_masking_callback_with_bank_files_and_factory(tiny_qwen2_5_vl: VLMAdapte
     assert 0.0 < base <= 1.0  # NDCG@5 with one positive among 3 candidates
     for row in results["banks"].values():
         assert row["relative_drop"] == pytest.approx(100.0 * (base - row["masked"]) / base)
+    # the teacher-forced reading: positive margin minus the negatives' mean margin, by hand
+    from hones.attribution.batches import encode_items
+    from hones.attribution.heads import yes_no_margin
+    from hones.interventions import zero_neurons
+
+    def margin_gap(neurons: dict[int, list[int]] | None) -> float:
+        batch = encode_items(tiny_qwen2_5_vl, items, with_targets=False)
+        with torch.no_grad(), zero_neurons(tiny_qwen2_5_vl, neurons or {}):
+            margins = yes_no_margin(tiny_qwen2_5_vl, tiny_qwen2_5_vl.next_token_logits(batch))
+        return float(margins[0] - margins[1:].mean())
+
+    scored = results["teacher_forced"]
+    assert scored["measure"].startswith("margin gap")
+    assert scored["base"] == pytest.approx(margin_gap(None), abs=1e-4)
+    assert scored["banks"]["mine"]["masked"] == pytest.approx(margin_gap({1: list(range(40))}), abs=1e-4)
+    assert scored["banks"]["mine"]["drop"] == pytest.approx(scored["base"] - scored["banks"]["mine"]["masked"])
+    assert scored["banks"]["mine"]["drop"] != 0.0  # 40 neurons of layer 1 move the margins
+
+
+def test_masking_callback_target_logprob(tiny_llava: VLMAdapter, make_image, tmp_path: Path) -> None:
+    """target_logprob on a generation task: the mean log p(target) with and without the bank, by hand."""
+    from hones.attribution.batches import encode_items
+    from hones.attribution.heads import target_log_prob_from_logits
+    from hones.interventions import zero_neurons
+
+    items = make_items(make_image)
+    bank = [BankEntry(layer, n, 1.0, n) for layer in (2, 3) for n in range(30)]
+    callback = MaskingVerificationCallback(banks={"b": bank}, max_new_tokens=3, stages=("predict",), target_logprob=True)
+    trainer(tmp_path, [callback]).predict(ShapesModule(tiny_llava), DataLoader(items, batch_size=2, collate_fn=items_only))
+
+    def mean_log_prob(neurons: dict[int, list[int]]) -> float:
+        values = []
+        for start in range(0, len(items), 2):
+            batch = encode_items(tiny_llava, items[start : start + 2], with_targets=True)
+            with torch.no_grad(), zero_neurons(tiny_llava, neurons):
+                values.append(target_log_prob_from_logits(tiny_llava.forward(batch), batch["labels"]))
+        return float(torch.cat(values).mean())
+
+    scored = callback.results["teacher_forced"]
+    assert scored["measure"].startswith("mean log p")
+    assert scored["base"] == pytest.approx(mean_log_prob({}), abs=1e-5)
+    masked = mean_log_prob({2: list(range(30)), 3: list(range(30))})
+    assert scored["banks"]["b"]["masked"] == pytest.approx(masked, abs=1e-5)
+    assert masked != pytest.approx(scored["base"], abs=1e-6)
+    plain = MaskingVerificationCallback(banks={"b": bank}, max_new_tokens=3, stages=("predict",))
+    trainer(tmp_path, [plain]).predict(ShapesModule(tiny_llava), DataLoader(items, batch_size=2, collate_fn=items_only))
+    assert "teacher_forced" not in plain.results and plain.results["banks"] == callback.results["banks"]
 
 
 def test_callbacks_explain_a_missing_adapter() -> None:

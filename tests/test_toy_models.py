@@ -84,3 +84,36 @@ def test_shipped_model_meets_threshold(small_world: Path, arch: str, task: str) 
         pytest.fail(f"shipped model missing: {SHIPPED[arch]} (rebuild: configs/toy/pretrain/{arch}.yaml)")
     value = _evaluate(SHIPPED[arch], small_world, task)
     assert value >= THRESHOLDS[task], f"{arch} {task}: {value:.3f} < {THRESHOLDS[task]}"
+
+
+def test_activation_l1_penalty(small_world: Path, tmp_path: Path) -> None:
+    """activation_l1 adds λ · mean |z_i| · ‖W_down[:, i]‖ to the cross-entropy, and only then."""
+    from hones.interventions import capture_ffn_activations
+    from hones.training.toy_models import mean_abs_activation
+
+    tiny = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 48}
+    kwargs = dict(arch="llava", world_dir=str(small_world), output_dir=str(tmp_path / "m"), vocab_size=400, model=tiny)
+    plain, sparse = ToyVLMModule(**kwargs), ToyVLMModule(**kwargs, activation_l1=2.0)
+    with pytest.raises(ValueError, match="activation_l1"):
+        ToyVLMModule(**kwargs, activation_l1=-1.0)
+    data = ToyWorldTrainData(world_dir=str(small_world), batch_size=4, dev_limit=2,
+                             world={"n_train": 48, "n_discovery": 0, "n_dev": 8, "n_test": TEST_IMAGES, "n_ood": 0})  # fmt: skip
+    for module in (plain, sparse):
+        module.configure_model()
+        module.log_dict = module.log = lambda *args, **kw: None  # no trainer attached
+    data.set_encoder(plain.adapter.encode)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    with torch.no_grad():
+        ce = target_cross_entropy(plain.adapter.forward(batch), batch["labels"])
+        assert torch.allclose(plain.training_step(batch, 0), ce)
+        with capture_ffn_activations(plain.adapter) as z:
+            plain.adapter.forward(batch)
+        keep = batch["attention_mask"].bool()
+        by_hand = torch.stack([
+            (z[l].abs()[keep] * plain.adapter.mlp(l).down_proj.weight.norm(dim=0)).mean() for l in z
+        ]).mean()  # fmt: skip
+        assert by_hand > 0
+        weights = {l: plain.adapter.mlp(l).down_proj.weight.norm(dim=0) for l in z}
+        assert torch.allclose(mean_abs_activation(z, batch["attention_mask"], weights), by_hand)
+        assert torch.allclose(sparse.training_step(batch, 0), ce + 2.0 * by_hand, atol=1e-6)

@@ -45,7 +45,7 @@ from hones.attribution.bank import (
     write_bank,
     write_head_list,
 )
-from hones.attribution.batches import ensure_prompt_only
+from hones.attribution.batches import ensure_prompt_only, ensure_targets
 from hones.attribution.heads import DEFAULT_TOP_K, HeadLocalizer, HeadScores, head_score_agreement
 from hones.attribution.neurons import NeuronAttribution, NeuronAttributor
 from hones.attribution.write_in import idf_from_items
@@ -497,11 +497,17 @@ class MaskingVerificationCallback(_AttributionCallback):
             ``NeuronAttributionCallback`` (its HONES bank and baselines).
         task: None reads it from the first batch.
         metric_mode: "paper" | "official"; max_new_tokens: generation budget (§1: 24).
+        target_logprob: also measure a teacher-forced score with and without each bank (not
+            in §4; a finer reading than the metric, which moves only when a greedy answer
+            flips): vqa / ocr / caption, the mean log-probability of the item's target
+            tokens (nats; caption: its one seeded reference); retrieval, the margin gap:
+            the mean logit(Yes) − logit(No) of the positives minus that of the negatives.
         output_dir: ``masking.json``.
 
     After the epoch ``.results``: ``{"task", "metric", "base", "banks": {name: {"masked",
     "drop", "relative_drop", "num_neurons"}}}`` with relative_drop = 100 (P − P_masked) / |P|
-    (None when P = 0).
+    (None when P = 0); with ``target_logprob`` also ``"teacher_forced": {"measure", "base",
+    "banks": {name: {"masked", "drop"}}}`` (drop = base − masked).
     """
 
     def __init__(
@@ -513,12 +519,15 @@ class MaskingVerificationCallback(_AttributionCallback):
         stages: Sequence[str] = ("test",),
         adapter_factory: AdapterFactory | None = None,
         output_dir: str | os.PathLike | None = None,
+        target_logprob: bool = False,
     ) -> None:
         super().__init__(stages, adapter_factory, output_dir)
         self.bank_source, self.task = banks, task
         self._task_arg = task
         self.metric_mode, self.max_new_tokens = metric_mode, max_new_tokens
+        self.target_logprob = target_logprob
         self.metrics: torch.nn.ModuleDict | None = None
+        self.scores: torch.nn.ModuleDict | None = None  # teacher-forced means (target_logprob)
         self.layer_dicts: dict[str, dict[int, Tensor]] = {}
         self.results: dict[str, Any] = {}
         self._device: torch.device | None = None
@@ -537,10 +546,13 @@ class MaskingVerificationCallback(_AttributionCallback):
         return banks
 
     def accumulators(self) -> dict[str, torch.nn.Module]:
-        return {} if self.metrics is None else {"metrics": self.metrics}
+        found = {} if self.metrics is None else {"metrics": self.metrics}
+        if self.scores is not None:
+            found["scores"] = self.scores
+        return found
 
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.metrics = None
+        self.metrics = self.scores = None
         self._device = pl_module.device
         self.task = self._task_arg
         if self.task is not None:  # else built on the first batch, once the task is known
@@ -557,6 +569,34 @@ class MaskingVerificationCallback(_AttributionCallback):
         self.layer_dicts = {name: bank_to_layer_dict(entries) for name, entries in banks.items()}
         names = ["base", *banks]
         self.metrics = torch.nn.ModuleDict({name: build_metric(task, self.metric_mode) for name in names}).to(self._device)
+        if self.target_logprob:
+            from torchmetrics import MeanMetric
+
+            parts = ("positive", "negative") if task == "retrieval" else ("target",)
+            keys = [f"{name}__{part}" for name in names for part in parts]
+            self.scores = torch.nn.ModuleDict({key: MeanMetric() for key in keys}).to(self._device)
+
+    def _update_scores(self, name: str, adapter: Any, prompt_batch: Mapping[str, Any], target_batch: Any) -> None:
+        """Add one selection's teacher-forced scores of a batch (``target_logprob``)."""
+        from hones.attribution.heads import target_log_prob_from_logits, yes_no_margin
+
+        assert self.scores is not None
+        if self.task != "retrieval":
+            logits = adapter.forward(target_batch)
+            self.scores[f"{name}__target"].update(target_log_prob_from_logits(logits, target_batch["labels"]))
+            return
+        margins = yes_no_margin(adapter, adapter.next_token_logits(prompt_batch))
+        positive = torch.tensor([item.label == 1 for item in prompt_batch["items"]], device=margins.device)
+        if bool(positive.any()):
+            self.scores[f"{name}__positive"].update(margins[positive])
+        if bool((~positive).any()):
+            self.scores[f"{name}__negative"].update(margins[~positive])
+
+    def _score(self, name: str) -> float:
+        assert self.scores is not None
+        if self.task != "retrieval":
+            return float(self.scores[f"{name}__target"].compute())
+        return float(self.scores[f"{name}__positive"].compute() - self.scores[f"{name}__negative"].compute())
 
     def _batch(self, trainer: L.Trainer, pl_module: L.LightningModule, adapter: Any, batch: Mapping[str, Any]) -> None:
         from hones.interventions import zero_neurons
@@ -567,12 +607,19 @@ class MaskingVerificationCallback(_AttributionCallback):
                 raise ValueError("MaskingVerificationCallback: give task=... (the batch has no items to read it from)")
             self._build(adapter, task)
         assert self.metrics is not None
-        batch = ensure_prompt_only(adapter, batch)
+        prompt_batch = ensure_prompt_only(adapter, batch)
+        target_batch = None
+        if self.scores is not None and self.task != "retrieval":
+            target_batch = ensure_targets(adapter, batch)
         with torch.no_grad():
-            self.scorer.update(self.metrics["base"], self.scorer.predict(adapter, batch))
+            self.scorer.update(self.metrics["base"], self.scorer.predict(adapter, prompt_batch))
+            if self.scores is not None:
+                self._update_scores("base", adapter, prompt_batch, target_batch)
             for name, neurons in self.layer_dicts.items():
                 with zero_neurons(adapter, neurons):
-                    self.scorer.update(self.metrics[name], self.scorer.predict(adapter, batch))
+                    self.scorer.update(self.metrics[name], self.scorer.predict(adapter, prompt_batch))
+                    if self.scores is not None:
+                        self._update_scores(name, adapter, prompt_batch, target_batch)
 
     def _end(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.metrics is None:
@@ -589,6 +636,14 @@ class MaskingVerificationCallback(_AttributionCallback):
                 "num_neurons": self.num_neurons[name],
             }
         self.results = {"task": self.task, "metric": self.metrics["base"].__class__.__name__, "base": base, "banks": banks}
+        if self.scores is not None:
+            scored = {name: self._score(name) for name in ["base", *self.layer_dicts]}
+            measure = "margin gap (positive − negative logit(Yes) − logit(No))" if self.task == "retrieval" else "mean log p(target token) (nats)"
+            self.results["teacher_forced"] = {
+                "measure": measure,
+                "base": scored["base"],
+                "banks": {name: {"masked": scored[name], "drop": scored["base"] - scored[name]} for name in self.layer_dicts},
+            }
         if not trainer.is_global_zero:
             return
         if self.output_dir is not None:

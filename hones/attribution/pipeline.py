@@ -98,6 +98,30 @@ class AttributionModule(AdapterHost, L.LightningModule):
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def run_script_parser(prog: str, description: str) -> Any:
+    """The ``jsonargparse`` parser of a script that works on one analyze run: ``--config``
+    (an analyze YAML) and every ``AnalyzeConfig`` field, as ``analyze.py`` takes them."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", action=ActionConfigFile, help="the analyze YAML config of the run (configs/analyze/*.yaml)")
+    parser.add_class_arguments(AnalyzeConfig, None, fail_untyped=True)
+    return parser
+
+
+def finished_neurons_run(parser: Any, parsed: Any, prog: str) -> TaskRun | None:
+    """``single_task_run`` for a script that reads the run's banks: the model loaded, or None
+    (after one line on stderr) when the neurons stage has not finished with these settings."""
+    run = single_task_run(parser, parsed)
+    try:
+        run.require_neurons()
+    except AnalysisError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return None
+    run.module.configure_model()
+    return run
+
+
 def single_task_run(parser: Any, parsed: Any) -> TaskRun:
     """The ``TaskRun`` a script works on: its parsed ``AnalyzeConfig`` must name one task
     (``--task``), else ``parser.error``. The model is not loaded yet."""
@@ -199,6 +223,22 @@ class TaskRun:
         self._head_scores: HeadScores | None = None
 
     # plumbing
+    def require_neurons(self) -> None:
+        """Raise ``AnalysisError`` unless the neurons stage finished with this run's settings
+        (so its banks belong to them)."""
+        if not self.state.is_done("neurons", self.fingerprint("neurons")) or not (self.run_dir / "bank_hones.json").is_file():
+            raise AnalysisError(f"{self.run_dir}: no finished neurons stage; run `analyze.py neurons` with these settings first")
+
+    def random_draws(self, reference: Sequence[BankEntry], draws: int) -> dict[str, list[BankEntry]]:
+        """``random_seed<s>`` -> random neurons with ``reference``'s per-layer counts, for seeds
+        ``baseline_seed + 1 .. baseline_seed + draws`` (the run's own ``random`` bank is seed
+        ``baseline_seed``). Needs the model loaded (``module.configure_model()``)."""
+        from hones.attribution.baselines import random_selection
+
+        first = self.config.neurons.baseline_seed + 1
+        width = self.module.adapter.ffn_width
+        return {f"random_seed{s}": random_selection(reference, width, seed=s) for s in range(first, first + draws)}
+
     def fingerprint(self, stage: str) -> dict[str, Any]:
         return stage_fingerprint(self.config, self.task, stage, self.identity)
 
@@ -216,7 +256,7 @@ class TaskRun:
         return TensorBoardLogger(str(self.run_dir), name="", version="tensorboard", default_hp_metric=False)
 
     def mask_test_split(
-        self, banks: Mapping[str, Sequence[BankEntry]], label: str, what: str
+        self, banks: Mapping[str, Sequence[BankEntry]], label: str, what: str, target_logprob: bool = False
     ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         """Mask the test split with ``banks`` in one predict pass, outside the run's stages.
 
@@ -224,7 +264,8 @@ class TaskRun:
         whole layers): no state is recorded and no TensorBoard scalars are written. Returns
         the masking callback's ``results`` (None on ranks other than 0) and the head of a
         summary JSON (task, metric, mode, split, item count, limit); ``label`` and ``what``
-        make the one progress line on stderr.
+        make the one progress line on stderr. ``target_logprob``: the callback's teacher-forced
+        scores too.
         """
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=r"predict returned None")
@@ -233,7 +274,7 @@ class TaskRun:
         masking = self.config.masking
         callback = MaskingVerificationCallback(
             banks=dict(banks), task=self.task, metric_mode=masking.metric_mode, max_new_tokens=masking.max_new_tokens,
-            stages=("predict",),
+            stages=("predict",), target_logprob=target_logprob,
         )  # fmt: skip
         trainer = self.trainer([callback], logger=False)
         trainer.predict(self.module, datamodule=datamodule, return_predictions=False)

@@ -139,6 +139,12 @@ class ToyVLMModule(L.LightningModule):
             instead of building a new model; ``vocab_size`` and ``model`` are then unused.
         lr, weight_decay, pct_start: AdamW with a one-cycle schedule.
         seed: weight initialisation seed.
+        activation_l1: weight of an L1 penalty on what the FFN neurons write, added to the
+            cross-entropy: |z_i| · ‖W_down[:, i]‖ for every neuron i (z: the input of each
+            layer's down_proj), averaged over neurons, layers and non-padding positions. The
+            ‖W_down[:, i]‖ factor stops the model from evading it by shrinking z and growing
+            W_down. It makes activations sparse, as they are in large LMs. 0 (the shipped
+            models) trains without it.
     """
 
     def __init__(
@@ -153,10 +159,13 @@ class ToyVLMModule(L.LightningModule):
         pct_start: float = 0.05,
         seed: int = 0,
         init_from: str | None = None,
+        activation_l1: float = 0.0,
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}; got {arch!r}")
+        if activation_l1 < 0:
+            raise ValueError(f"activation_l1 must be >= 0; got {activation_l1}")
         self.save_hyperparameters()
         self.adapter: Any = None
         self.task_names: tuple[str, ...] = TASKS
@@ -195,9 +204,19 @@ class ToyVLMModule(L.LightningModule):
         return target_cross_entropy(self.adapter.forward(batch), batch["labels"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["items"]))
-        return loss
+        size = len(batch["items"])
+        if not self.hparams.activation_l1:
+            loss = self._loss(batch)
+            self.log("train/loss", loss, prog_bar=True, batch_size=size)
+            return loss
+        from hones.interventions import capture_ffn_activations
+
+        with capture_ffn_activations(self.adapter, detach=False) as z:
+            ce = self._loss(batch)
+        norms = {layer: self.adapter.mlp(layer).down_proj.weight.norm(dim=0) for layer in z}
+        l1 = mean_abs_activation(z, batch["attention_mask"], norms)
+        self.log_dict({"train/loss": ce, "train/activation_l1": l1}, prog_bar=True, batch_size=size)
+        return ce + self.hparams.activation_l1 * l1
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         task = self.task_names[dataloader_idx]
@@ -218,6 +237,23 @@ class ToyVLMModule(L.LightningModule):
     def on_train_end(self) -> None:
         if self.global_rank == 0:
             save_model_atomically(self.adapter, self.hparams.output_dir)
+
+
+def mean_abs_activation(
+    z: dict[int, torch.Tensor], attention_mask: torch.Tensor, weights: dict[int, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """mean |z_i| · w_i over layers, neurons i and the non-padding positions.
+
+    z: layer -> [batch, seq, ffn]; attention_mask [batch, seq]; weights: layer -> [ffn]
+    (e.g. ‖W_down[:, i]‖; default 1)."""
+    keep = attention_mask.to(torch.bool)
+    per_layer = []
+    for layer, layer_z in z.items():
+        written = layer_z.abs()[keep]  # [positions, ffn]
+        if weights is not None:
+            written = written * weights[layer]
+        per_layer.append(written.mean())
+    return torch.stack(per_layer).mean()
 
 
 def save_model_atomically(adapter: Any, output_dir: str | os.PathLike) -> Path:
