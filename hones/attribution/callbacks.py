@@ -576,17 +576,22 @@ class MaskingVerificationCallback(_AttributionCallback):
             keys = [f"{name}__{part}" for name in names for part in parts]
             self.scores = torch.nn.ModuleDict({key: MeanMetric() for key in keys}).to(self._device)
 
-    def _update_scores(self, name: str, adapter: Any, prompt_batch: Mapping[str, Any], target_batch: Any) -> None:
-        """Add one selection's teacher-forced scores of a batch (``target_logprob``)."""
-        from hones.attribution.heads import target_log_prob_from_logits, yes_no_margin
+    def _predict(self, name: str, adapter: Any, prompt_batch: Mapping[str, Any], target_batch: Any) -> None:
+        """Score one selection (already applied) on a batch: the metric and, with
+        ``target_logprob``, the teacher-forced score (retrieval: from the metric's own margins)."""
+        from hones.attribution.heads import target_log_prob_from_logits
 
-        assert self.scores is not None
+        assert self.metrics is not None
+        rows = self.scorer.predict(adapter, prompt_batch)
+        self.scorer.update(self.metrics[name], rows)
+        if self.scores is None:
+            return
         if self.task != "retrieval":
             logits = adapter.forward(target_batch)
             self.scores[f"{name}__target"].update(target_log_prob_from_logits(logits, target_batch["labels"]))
             return
-        margins = yes_no_margin(adapter, adapter.next_token_logits(prompt_batch))
-        positive = torch.tensor([item.label == 1 for item in prompt_batch["items"]], device=margins.device)
+        margins = torch.tensor([row["score"] for row in rows], dtype=torch.float32, device=self._device)
+        positive = torch.tensor([row["label"] == 1 for row in rows], device=self._device)
         if bool(positive.any()):
             self.scores[f"{name}__positive"].update(margins[positive])
         if bool((~positive).any()):
@@ -612,14 +617,10 @@ class MaskingVerificationCallback(_AttributionCallback):
         if self.scores is not None and self.task != "retrieval":
             target_batch = ensure_targets(adapter, batch)
         with torch.no_grad():
-            self.scorer.update(self.metrics["base"], self.scorer.predict(adapter, prompt_batch))
-            if self.scores is not None:
-                self._update_scores("base", adapter, prompt_batch, target_batch)
+            self._predict("base", adapter, prompt_batch, target_batch)
             for name, neurons in self.layer_dicts.items():
                 with zero_neurons(adapter, neurons):
-                    self.scorer.update(self.metrics[name], self.scorer.predict(adapter, prompt_batch))
-                    if self.scores is not None:
-                        self._update_scores(name, adapter, prompt_batch, target_batch)
+                    self._predict(name, adapter, prompt_batch, target_batch)
 
     def _end(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.metrics is None:
