@@ -6,7 +6,9 @@
 # 5. the same at a 5% budget (70 neurons: attribution, masking, steering on all four tasks),
 # 6. HONES against 8 more random draws (scripts/random_spread.py) at both budgets,
 # 7. the budget sweep: HONES and random at 10% and 20%, 8. whole-layer FFN masking per task,
-# 9. steering with every neuron's scale free (Base and HONES), 10. steering on a 2000-image dev split.
+# 9. steering with every neuron's scale free (Base and HONES), 10. steering on a 2000-image dev split,
+# 11. masking read teacher-forced (target log-probability, retrieval margin gap) at both budgets,
+# 12. the learned steering scales read teacher-forced on the test split.
 # The analyze.py stages resume or skip finished work when rerun (OVERWRITE=1 recomputes them); the other steps rerun.
 set -euo pipefail
 model="${1:?usage: bash scripts/toy_results.sh llava|qwen2_5_vl}"
@@ -59,4 +61,20 @@ for task in vqa ocr caption retrieval; do
     --data.annotation_file "$W/coco/unified.json" --data.image_root "$W/coco/images" --data.split_file "$W/splits/dev.json" \
     --compare.test_split_file "$W/splits/test.json" --compare.methods "[base, hones]" \
     --model.output_dir "runs/steering/toy-$model-dev2000/$task" --compare.output_dir "runs/steering/toy-$model-dev2000/$task/compare"
+done
+# 11. the same masks read below the metric: teacher-forced score of every selection and 8 more random draws
+for extra in "" "${five[*]}"; do
+  for task in vqa ocr caption; do
+    # shellcheck disable=SC2086
+    "$py" scripts/teacher_forced_masking.py --config "configs/analyze/toy_$model.yaml" $extra --task "$task" --draws 8
+  done
+  # shellcheck disable=SC2086
+  "$py" scripts/teacher_forced_masking.py --config "configs/analyze/toy_$model.yaml" $extra --task retrieval --test.limit 100 --draws 8
+done
+# 12. the learned 14-neuron scales read teacher-forced on the test split (retrieval on 100 images)
+for task in vqa ocr caption retrieval; do
+  limit=$([ "$task" = retrieval ] && echo "--limit 100" || true)
+  # shellcheck disable=SC2086
+  "$py" scripts/steering_test_likelihood.py --model "models/toy-$model" --task "$task" $limit \
+    --compare_dir "runs/steering/toy-$model/$task/compare"
 done

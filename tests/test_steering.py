@@ -449,3 +449,35 @@ def test_train_py_fit_test_and_bank_error(toy_run: dict[str, Path], tmp_path: Pa
     failed = train("fit", "--config", config, *FAST_TRAINER, "--model.bank", str(bad))
     assert failed.returncode != 0
     assert failed.stderr.strip().splitlines()[-1] == f"train.py: {bad}: layer 9 out of range [0, 4) (neuron 3)"
+
+
+@pytest.mark.parametrize("task", ["vqa", "retrieval"])
+def test_steering_test_likelihood_script(toy_run: dict[str, Path], tmp_path: Path, task: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``scripts/steering_test_likelihood.py``: zero scales change nothing, non-zero scales move the score."""
+    import importlib.util
+    import json
+
+    from hones.steering.scales import scaler_from_rows
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("steering_test_likelihood", repo / "scripts" / "steering_test_likelihood.py")
+    script = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(script)
+    compare = tmp_path / "compare"
+    for method, value in (("hones", 1.5), ("rand_neuron", 0.0)):
+        rows = [{"layer": layer, "neuron": n, "scale": value} for layer in range(4) for n in range(40)]
+        (compare / method).mkdir(parents=True)
+        save_scales(scaler_from_rows(rows), compare / method / "scales.json")
+    args = ["--model", str(toy_run["root"] / "model"), "--task", task, "--compare_dir", str(compare),
+            "--world", str(toy_run["root"] / "world")]  # fmt: skip
+    assert script.main(args) == 0
+    result = json.loads((compare / "test_likelihood.json").read_text())
+    assert result["missing_methods"] == ["hones_no_kl"] and "hones_no_kl" in capsys.readouterr().out
+    assert result["methods"]["rand_neuron"]["change"] == 0.0  # s = 0: z * (1 + 0) = z
+    assert result["methods"]["hones"]["change"] != 0.0
+    assert result["methods"]["hones"]["change"] == pytest.approx(result["methods"]["hones"]["score"] - result["base"])
+    # 4 test images; retrieval: each with its positive and the negatives the tiny caption pool allows
+    assert result["num_items"] == 4 if task == "vqa" else result["num_items"] > 4
+    with pytest.raises(SystemExit):
+        script.main([*args, "--methods", "fixed_amp"])  # no scales for it: a clear error
