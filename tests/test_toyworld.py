@@ -158,3 +158,20 @@ def test_toy_corpus(world: Path) -> None:
         assert all(c["caption"] in strings for c in record["captions"])
     in_memory = set(toy_corpus(config=TINY))
     assert in_memory == strings  # the same world, generated without images
+
+
+def test_ensure_world_reads_a_read_only_world(world: Path, tmp_path: Path) -> None:
+    """A finished world needs no lock file, so a read-only copy still loads."""
+    import shutil
+    import stat
+
+    from hones.data.toyworld import ensure_world
+
+    copy = tmp_path / "ro"
+    shutil.copytree(world, copy)
+    copy.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        assert ensure_world(copy, TINY)["counts"]["coco"]["test"] == TINY.n_test
+        assert not (copy / LOCK_NAME).exists()
+    finally:
+        copy.chmod(stat.S_IRWXU)

@@ -828,6 +828,8 @@ def ensure_world(out_dir: str | os.PathLike[str], config: ToyWorldConfig = ToyWo
     folder and the differing settings) rather than a silent mix of two worlds.
     """
     out = Path(out_dir)
+    if (out / "toyworld.json").exists():  # written last: a finished world, no lock needed (read-only copies work)
+        return _ensure_world_locked(out, config)
     with _world_lock(out):
         return _ensure_world_locked(out, config)
 
