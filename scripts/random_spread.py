@@ -18,7 +18,6 @@ The run's neurons stage must have run (``analyze.py neurons``) with the same set
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hones import io  # noqa: E402
 from hones.attribution.bank import read_bank  # noqa: E402
 from hones.attribution.pipeline import finished_neurons_run, run_script_parser  # noqa: E402
+from hones.attribution.reports import mean_and_sd  # noqa: E402
 
 
 def build_parser() -> Any:
@@ -39,8 +39,7 @@ def build_parser() -> Any:
 def spread_summary(base: float, hones: float, draws: list[dict[str, float]]) -> dict[str, object]:
     """Mean / sd of the random draws' masked metric and HONES's place among them."""
     masked = [d["masked"] for d in draws]
-    mean = sum(masked) / len(masked)
-    sd = math.sqrt(sum((m - mean) ** 2 for m in masked) / (len(masked) - 1)) if len(masked) > 1 else 0.0
+    mean, sd = mean_and_sd(masked)
 
     def relative(value: float) -> float | None:
         return 100.0 * (base - value) / abs(base) if base != 0 else None

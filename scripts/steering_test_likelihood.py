@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hones import io  # noqa: E402
 from hones.attribution.batches import encode_items  # noqa: E402
-from hones.attribution.heads import target_log_prob_from_logits, yes_no_margin  # noqa: E402
+from hones.attribution.heads import margin_gap, target_log_prob_from_logits, teacher_forced_measure  # noqa: E402
 from hones.data.formats import load_coco_unified  # noqa: E402
 from hones.data.tasks import TASKS, build_task_items  # noqa: E402
+from hones.evaluation import retrieval_margin  # noqa: E402
 from hones.models import load_adapter  # noqa: E402
 from hones.steering.scales import apply_scales  # noqa: E402
 
@@ -44,7 +45,7 @@ def teacher_forced_score(adapter: Any, items: Sequence[Any], task: str, batch_si
             chunk = items[start : start + batch_size]
             if task == "retrieval":
                 batch = encode_items(adapter, chunk, with_targets=False)
-                values.append(yes_no_margin(adapter, adapter.next_token_logits(batch)).float().cpu())
+                values.append(retrieval_margin(adapter, batch).cpu())  # the score NDCG@5 ranks by
                 labels += [int(item.label) for item in chunk]
             else:
                 batch = encode_items(adapter, chunk, with_targets=True)
@@ -52,8 +53,7 @@ def teacher_forced_score(adapter: Any, items: Sequence[Any], task: str, batch_si
     scores = torch.cat(values)
     if task != "retrieval":
         return float(scores.mean())
-    positive = torch.tensor(labels) == 1
-    return float(scores[positive].mean() - scores[~positive].mean())
+    return float(margin_gap(scores, torch.tensor(labels) == 1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         with apply_scales(adapter, path):
             rows[method] = {"score": teacher_forced_score(adapter, items, args.task, args.batch_size), "scales": str(path)}
         rows[method]["change"] = rows[method]["score"] - base
-    measure = "margin gap (positive − negative logit(Yes) − logit(No))" if args.task == "retrieval" else "mean log p(target token) (nats)"
+    measure = teacher_forced_measure(args.task)
     summary = {"model": args.model, "task": args.task, "split": "test", "num_items": len(items), "limit": args.limit,
                "measure": measure, "base": base, "methods": rows, "missing_methods": missing}  # fmt: skip
     out = io.write_json(args.compare_dir / "test_likelihood.json", summary)

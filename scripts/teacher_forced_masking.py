@@ -23,7 +23,6 @@ or ``masking.json`` changes.
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,19 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hones import io  # noqa: E402
 from hones.attribution.bank import read_bank  # noqa: E402
 from hones.attribution.pipeline import finished_neurons_run, run_script_parser  # noqa: E402
+from hones.attribution.reports import mean_and_sd  # noqa: E402
 
 
 def build_parser() -> Any:
     parser = run_script_parser("teacher_forced_masking.py", __doc__.split("\n\n")[0])
     parser.add_argument("--draws", type=int, default=4, help="random banks besides the run's own bank_random.json (0: none)")
     return parser
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for fewer than two values)."""
-    mean = sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, sd
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                "skipped_methods": missing, "selections": rows}  # fmt: skip
     if draws:
         drops = [rows[name]["score_drop"] for name in draws] + ([rows["random"]["score_drop"]] if "random" in rows else [])
-        mean, sd = mean_sd(drops)
+        mean, sd = mean_and_sd(drops)
         summary["random_draws"] = {"num_draws": len(drops), "mean_score_drop": mean, "sd_score_drop": sd,
                                    "hones_beats": sum(rows["hones"]["score_drop"] > d for d in drops)}  # fmt: skip
     path = io.write_json(run.run_dir / "teacher_forced_masking.json", summary)

@@ -46,7 +46,7 @@ from hones.attribution.bank import (
     write_head_list,
 )
 from hones.attribution.batches import ensure_prompt_only, ensure_targets
-from hones.attribution.heads import DEFAULT_TOP_K, HeadLocalizer, HeadScores, head_score_agreement
+from hones.attribution.heads import DEFAULT_TOP_K, HeadLocalizer, HeadScores, head_score_agreement, teacher_forced_measure
 from hones.attribution.neurons import NeuronAttribution, NeuronAttributor
 from hones.attribution.write_in import idf_from_items
 
@@ -639,9 +639,8 @@ class MaskingVerificationCallback(_AttributionCallback):
         self.results = {"task": self.task, "metric": self.metrics["base"].__class__.__name__, "base": base, "banks": banks}
         if self.scores is not None:
             scored = {name: self._score(name) for name in ["base", *self.layer_dicts]}
-            measure = "margin gap (positive − negative logit(Yes) − logit(No))" if self.task == "retrieval" else "mean log p(target token) (nats)"
             self.results["teacher_forced"] = {
-                "measure": measure,
+                "measure": teacher_forced_measure(self.task),
                 "base": scored["base"],
                 "banks": {name: {"masked": scored[name], "drop": scored["base"] - scored[name]} for name in self.layer_dicts},
             }

@@ -199,6 +199,19 @@ def yes_no_margin(adapter: Any, next_token_logits: Tensor) -> Tensor:
     return logits[:, yes_id] - logits[:, no_id]
 
 
+def margin_gap(margins: Tensor, positive: Tensor) -> Tensor:
+    """Mean Yes−No margin of the positives minus that of the negatives (retrieval's
+    teacher-forced reading of a ranking): margins ``[rows]``, positive ``[rows]`` bool."""
+    return margins[positive].mean() - margins[~positive].mean()
+
+
+def teacher_forced_measure(task: str) -> str:
+    """What the teacher-forced score of ``task`` is, in words (for reports)."""
+    if task == "retrieval":
+        return "margin gap (positive − negative logit(Yes) − logit(No))"
+    return "mean log p(target token) (nats)"
+
+
 def _prompt_last_hidden(normed_hidden: Tensor, batch: Mapping[str, Any]) -> Tensor:
     last = batch["prompt_last_index"].to(normed_hidden.device)
     rows = torch.arange(normed_hidden.shape[0], device=normed_hidden.device)

@@ -44,6 +44,13 @@ def masking_row(base: float, masked: float, num_neurons: int) -> dict[str, Any]:
     return {"base": base, "masked": masked, "drop": drop, "relative_drop": relative, "num_neurons": int(num_neurons)}
 
 
+def mean_and_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of repeated draws (sd 0 for fewer than two)."""
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, sd
+
+
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "—"

@@ -239,20 +239,13 @@ class ToyVLMModule(L.LightningModule):
             save_model_atomically(self.adapter, self.hparams.output_dir)
 
 
-def mean_abs_activation(
-    z: dict[int, torch.Tensor], attention_mask: torch.Tensor, weights: dict[int, torch.Tensor] | None = None
-) -> torch.Tensor:
+def mean_abs_activation(z: dict[int, torch.Tensor], attention_mask: torch.Tensor, weights: dict[int, torch.Tensor]) -> torch.Tensor:
     """mean |z_i| · w_i over layers, neurons i and the non-padding positions.
 
     z: layer -> [batch, seq, ffn]; attention_mask [batch, seq]; weights: layer -> [ffn]
-    (e.g. ‖W_down[:, i]‖; default 1)."""
+    (‖W_down[:, i]‖ in training)."""
     keep = attention_mask.to(torch.bool)
-    per_layer = []
-    for layer, layer_z in z.items():
-        written = layer_z.abs()[keep]  # [positions, ffn]
-        if weights is not None:
-            written = written * weights[layer]
-        per_layer.append(written.mean())
+    per_layer = [(layer_z.abs()[keep] * weights[layer]).mean() for layer, layer_z in z.items()]  # [positions, ffn] each
     return torch.stack(per_layer).mean()
 
 
