@@ -81,13 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     parsed = parser.parse_args(expand_bare_flags(sys.argv[1:] if argv is None else list(argv)))
     command = parsed.command
     if command == "table":
-        from hones.attribution.reports import write_masking_table
+        from hones.attribution.reports import masking_table_gaps, write_masking_table
 
         try:
-            _, markdown = write_masking_table(parsed.table.runs, parsed.table.methods)
-        except FileNotFoundError as error:
+            table, markdown = write_masking_table(parsed.table.runs, parsed.table.methods)
+        except (FileNotFoundError, ValueError) as error:  # ValueError: a malformed masking.json (named)
             print(f"analyze.py table: {error}", file=sys.stderr)
             return 2
+        for gap in masking_table_gaps(table):
+            print(f"analyze.py table: {gap}", file=sys.stderr)
         print(markdown)
         return 0
     if command == "analysis":

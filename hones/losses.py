@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -20,14 +19,6 @@ def shifted_targets(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Ten
     logits = logits[:, :-1]
     labels = labels[:, 1:].to(logits.device)
     return logits, labels, labels != IGNORE_INDEX
-
-
-def target_log_probs(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean log-probability of each row's target tokens: [batch] (fp32)."""
-    logits, labels, mask = shifted_targets(logits, labels)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
-    return picked.sum(-1) / mask.sum(-1).clamp_min(1)
 
 
 def target_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+# a newer pip is nice to have, not needed: say so and go on if it cannot be had
+python -m pip install -q --upgrade pip >/dev/null 2>&1 || echo "scripts/setup.sh: could not upgrade pip; going on with $(python -m pip --version)" >&2
 case "${HONES_TORCH:-cpu}" in
   cpu)  python -m pip install -q "torch==2.13.0" ;;
   cuda) python -m pip install -q torch ;;

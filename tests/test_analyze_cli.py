@@ -444,7 +444,17 @@ def test_bank_write_in_script(full_run: dict[str, Any], capsys: pytest.CaptureFi
     assert set(rows) == set(METHODS)
     top = rows["write_in"][1]
     assert all(mean <= top + 1e-12 for _, mean, _ in rows.values())
-    assert all(0.0 <= negative <= 1.0 for _, _, negative in rows.values())
-    assert script.main([str(full_run["root"] / "vqa")]) == 0
+    # by hand: c̄ of each bank's neurons, read straight from the run's importance.safetensors
+    run = full_run["root"] / "vqa"
+    mean_contribution = load_file(str(run / "importance.safetensors"))["mean_contribution"].double()
+    layers, ffn = mean_contribution.shape
+    for method in METHODS:
+        bank = read_bank(run / f"bank_{method}.json", layers, ffn)
+        values = mean_contribution[[e.layer for e in bank], [e.neuron for e in bank]]
+        expected = (len(bank), float(values.mean()), float((values < 0).double().mean()))
+        assert rows[method] == pytest.approx(expected, rel=1e-12, abs=1e-15), method
+    negatives = [negative for _, _, negative in rows.values()]
+    assert rows["write_in"][2] == 0.0 and max(negatives) > 0.0  # some selection writes against the target
+    assert script.main([str(run)]) == 0
     assert "| tiny/vqa | hones |" in capsys.readouterr().out
     assert script.main([str(full_run["root"])]) == 2  # not a run folder

@@ -34,7 +34,7 @@ from hones.attribution.baselines import (
     select_top_neurons,
 )
 from hones.attribution.heads import HeadScores, candidate_heads, head_score_agreement, heads_by_layer, row_head_list
-from hones.attribution.neurons import head_conditioned_importance, positive_heads
+from hones.attribution.neurons import NeuronAttributor, head_conditioned_importance, positive_heads
 from hones.attribution.stats import ActivationStatistics, HeadUtilityAccumulator, RunningMean, StackedRunningMean
 from hones.attribution.write_in import caption_idf, projected_directions, target_directions, write_in
 
@@ -70,6 +70,14 @@ def test_importance_ignores_nonpositive_heads_and_falls_back() -> None:
     torch.testing.assert_close(empty, c_mean.double())
     heads, kept = positive_heads([(0, 1), (2, 3), (4, 0)], [0.2, 0.0, 1.5])
     assert heads == [(0, 1), (4, 0)] and kept.tolist() == [0.2, 1.5]
+
+
+def test_attributor_warns_about_unused_heads() -> None:
+    with pytest.warns(UserWarning, match=r"vqa: 1 of 2 heads have Δ ≤ 0") as record:
+        NeuronAttributor(2, 3, [(0, 1), (1, 0)], [0.5, -0.1], task="vqa")
+    assert "falls back" not in str(record[0].message)
+    with pytest.warns(UserWarning, match=r"2 of 2 heads .* falls back to c̄"):
+        NeuronAttributor(2, 3, [(0, 1), (1, 0)], [0.0, float("nan")], task="ocr")
 
 
 # -- selection -------------------------------------------------------------------------------------
@@ -261,6 +269,9 @@ def test_bank_per_layer_layout(tmp_path) -> None:
         ({"x": [1]}, "layer key 'x' must be an integer"),
         ({"1": 3}, "must map to a list"),
         ([{"layer": 1}], "must be an object with 'layer' and 'neuron'"),
+        ([{"layer": 1, "neuron": 2, "score": "abc"}], "entry 0 score must be a number or null; got 'abc'"),
+        ([{"layer": 1, "neuron": 2, "score": True}], "entry 0 score must be a number or null; got True"),
+        ([{"layer": 1, "neuron": 2, "score": [1]}], r"entry 0 score must be a number or null; got \[1\]"),
         ("nope", "a neuron bank is a list"),
     ],
 )
@@ -275,6 +286,29 @@ def test_bank_validation_errors_are_one_line(tmp_path, data, message) -> None:
 def test_missing_bank_file(tmp_path) -> None:
     with pytest.raises(BankError, match="not found"):
         read_bank(tmp_path / "absent.json")
+
+
+@pytest.mark.parametrize(
+    ("tensors", "metadata", "message"),
+    [
+        ({"intervened": torch.zeros(2, 2), "baseline": torch.tensor(1.0)}, {"utility": "u", "task": "vqa", "num_items": "3"}, "lacks delta"),
+        ({"delta": torch.zeros(2, 2), "intervened": torch.zeros(2, 2), "baseline": torch.tensor(1.0)}, {"task": "vqa"}, "lacks num_items, utility"),
+        ({"delta": torch.zeros(2, 2), "intervened": torch.zeros(2, 3), "baseline": torch.tensor(1.0)},
+         {"utility": "u", "task": "vqa", "num_items": "3"}, r"must be \[layers, heads\] of one shape"),
+        ({"delta": torch.zeros(2, 2), "intervened": torch.zeros(2, 2), "baseline": torch.tensor(1.0)},
+         {"utility": "u", "task": "vqa", "num_items": "x"}, "num_items must be a whole number"),
+    ],
+)
+def test_bad_head_scores_file_is_one_line(tmp_path, tensors, metadata, message) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "head_scores.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(BankError, match=message) as info:
+        load_head_scores(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    with pytest.raises(BankError, match="head scores file not found"):
+        load_head_scores(tmp_path / "absent.safetensors")
 
 
 def test_head_scores_and_matrices_round_trip(tmp_path) -> None:

@@ -7,6 +7,7 @@ must reproduce the plain accumulators, write their artifacts, and log to TensorB
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from hones.attribution.bank import BankEntry, load_head_scores, read_bank, write_bank
+from hones.attribution.bank import BankEntry, BankError, load_head_scores, read_bank, write_bank
 from hones.attribution.batches import encode_items
 from hones.attribution.callbacks import (
     HeadLocalizationCallback,
@@ -173,9 +174,9 @@ def test_callback_chain_equals_plain_accumulators(tiny_llava: VLMAdapter, make_i
 def test_masking_callback_with_bank_files_and_factory(tiny_qwen2_5_vl: VLMAdapter, make_image, tmp_path: Path) -> None:
     """An adapter factory instead of `.adapter`; banks from JSON files; items re-encoded; predict; retrieval."""
     prompt = "Candidate: {}\nDoes the candidate correctly describe the image?\nAnswer exactly Yes or No."
-    items = [
+    items = [  # the positive (k = 2) is the model's last candidate: NDCG@5 = 1 / log2(4), not 1 as reversed
         TaskItem(uid=f"toy:0:retrieval:cand{k}", task="retrieval", image=make_image(seed=0), prompt=prompt.format(c),
-                 target="Yes" if k == 0 else "No", references=[], group="0", label=int(k == 0))
+                 target="Yes" if k == 2 else "No", references=[], group="0", label=int(k == 2))
         for k, c in enumerate(["a red square", "two dogs", "a boat at sea"])
     ]
     path = write_bank(tmp_path / "bank.json", [BankEntry(1, n, 1.0, n) for n in range(40)])
@@ -200,21 +201,34 @@ def test_masking_callback_with_bank_files_and_factory(tiny_qwen2_5_vl: VLMAdapte
     results = masking_cb.results
     assert results["task"] == "retrieval" and set(results["banks"]) == {"mine", "empty_layer"}
     assert results["banks"]["mine"]["num_neurons"] == 40
-    base = results["base"]
-    assert 0.0 < base <= 1.0  # NDCG@5 with one positive among 3 candidates
-    for row in results["banks"].values():
-        assert row["relative_drop"] == pytest.approx(100.0 * (base - row["masked"]) / base)
-    # the teacher-forced reading: positive margin minus the negatives' mean margin, by hand
     from hones.attribution.batches import encode_items
     from hones.attribution.heads import yes_no_margin
     from hones.interventions import zero_neurons
 
-    def margin_gap(neurons: dict[int, list[int]] | None) -> float:
+    def yes_no_margins(neurons: dict[int, list[int]] | None) -> torch.Tensor:
         batch = encode_items(tiny_qwen2_5_vl, items, with_targets=False)
         with torch.no_grad(), zero_neurons(tiny_qwen2_5_vl, neurons or {}):
-            margins = yes_no_margin(tiny_qwen2_5_vl, tiny_qwen2_5_vl.next_token_logits(batch))
-        return float(margins[0] - margins[1:].mean())
+            return yes_no_margin(tiny_qwen2_5_vl, tiny_qwen2_5_vl.next_token_logits(batch))
 
+    def ndcg(neurons: dict[int, list[int]] | None) -> float:
+        """NDCG@5 of the one group by hand: the positive (item 2) ranked by its Yes-No margin, IDCG = 1."""
+        margins = yes_no_margins(neurons)
+        negatives = margins[:2]
+        assert (negatives - margins[2]).abs().min() > 1e-3  # no (near-)tie: the rank is well defined
+        rank = 1 + int((negatives > margins[2]).sum())
+        return 1.0 / math.log2(rank + 1)
+
+    def margin_gap(neurons: dict[int, list[int]] | None) -> float:
+        margins = yes_no_margins(neurons)
+        return float(margins[2] - margins[:2].mean())
+
+    base = results["base"]
+    assert base == pytest.approx(ndcg(None), abs=1e-9)  # NDCG@5 with one positive among 3 candidates
+    assert results["banks"]["mine"]["masked"] == pytest.approx(ndcg({1: list(range(40))}), abs=1e-9)
+    assert results["banks"]["empty_layer"]["masked"] == pytest.approx(ndcg({3: [0]}), abs=1e-9)
+    for row in results["banks"].values():
+        assert row["relative_drop"] == pytest.approx(100.0 * (base - row["masked"]) / base)
+    # the teacher-forced reading: positive margin minus the negatives' mean margin, by hand
     scored = results["teacher_forced"]
     assert scored["measure"].startswith("margin gap")
     assert scored["base"] == pytest.approx(margin_gap(None), abs=1e-4)
@@ -253,6 +267,14 @@ def test_masking_callback_target_logprob(tiny_llava: VLMAdapter, make_image, tmp
     assert "teacher_forced" not in plain.results and plain.results["banks"] == callback.results["banks"]
 
 
+def test_heads_of_another_model_are_refused(tiny_llava: VLMAdapter, make_image, tmp_path: Path) -> None:
+    """H* from a bigger model (layer 7 of a 4-layer one) stops with one line before any batch runs."""
+    items = make_items(make_image)[:2]
+    neurons_cb = NeuronAttributionCallback(heads=[(0, 1, 0.5), (7, 2, 0.3)], task="vqa")
+    with pytest.raises(BankError, match=r"head \(7, 2\) of H\* is out of range for a model of 4 layers x 4 heads"):
+        trainer(tmp_path, [neurons_cb]).validate(ShapesModule(tiny_llava), encoded_loader(tiny_llava, items, False), verbose=False)
+
+
 def test_callbacks_explain_a_missing_adapter() -> None:
     with pytest.raises(AttributeError, match="expose the VLMAdapter as `adapter`"):
         resolve_adapter(L.LightningModule())
@@ -273,18 +295,39 @@ def test_metric_utility_with_agreement_inside_fit(tiny_llava: VLMAdapter, make_i
 
     module = Fitting(tiny_llava)
     module.dummy = torch.nn.Parameter(torch.zeros(1))
+    heads = [(0, 1), (1, 0), (3, 1)]  # on these, the two utilities' top-2 share one head
     callback = HeadLocalizationCallback(
-        utility="metric", compare_utility="teacher_forced", heads=[(0, 0), (3, 1), (2, 2)], top_k=1,
+        utility="metric", compare_utility="teacher_forced", heads=heads, top_k=2,
         max_new_tokens=3, output_dir=tmp_path / "out",
     )
     loader = DataLoader(items, batch_size=2, collate_fn=items_only)
     trainer(tmp_path, [callback], max_epochs=1, num_sanity_val_steps=1, limit_train_batches=1).fit(module, loader, loader)
     assert callback.scores is not None and callback.scores.num_items == 2
-    assert callback.scores.utility == "metric" and len(callback.top_heads) == 1
+    assert callback.scores.utility == "metric"
     assert callback.compare_scores is not None and callback.compare_scores.utility == "teacher_forced"
-    assert set(callback.agreement) == {"spearman", "top_k_overlap", "k"}
+
+    # the agreement by hand from the two score matrices: Δ on the evaluated heads, top-2 by Δ
+    # (ties: lower layer, then lower head), Spearman of average ranks (NaN when one side is constant)
+    def top(delta: torch.Tensor) -> list[tuple[int, int]]:
+        return sorted(heads, key=lambda head: (-float(delta[head]), head))[:2]
+
+    def ranks(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([(x < v).sum() + ((x == v).sum() - 1) / 2 for v in x]).double()
+
+    first, second = ([float(s.delta[head]) for head in heads] for s in (callback.scores, callback.compare_scores))
+    assert all(math.isfinite(v) for v in first + second)
+    ra, rb = ranks(torch.tensor(first)), ranks(torch.tensor(second))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    norm = float(ra.norm() * rb.norm())
+    overlap = len(set(top(callback.scores.delta)) & set(top(callback.compare_scores.delta))) / 2
+    expected = {"spearman": float((ra * rb).sum()) / norm if norm > 0 else math.nan, "top_k_overlap": overlap, "k": 2.0}
+    assert callback.top_heads == top(callback.scores.delta)
+    assert callback.agreement == pytest.approx(expected, nan_ok=True)
     written = json.loads((tmp_path / "out" / "head_agreement.json").read_text())
-    assert written["compare_utility"] == "teacher_forced" and written["top_k_overlap"] in (0.0, 1.0)
+    assert written == pytest.approx(
+        {"utility": "metric", "compare_utility": "teacher_forced",
+         **{name: None if math.isnan(value) else value for name, value in expected.items()}}
+    )
 
 
 SPAWN_SCRIPT = textwrap.dedent(

@@ -182,6 +182,14 @@ def test_flickr_csv_and_karpathy_json(tmp_path: Path, cache: Path) -> None:
     assert records[0].captions == ['Two dogs, one "big" cat.', "A b c."] and records[0].split == "train"
     assert [r.image_id for r in load_flickr30k(csv_path, source_split="test", cache_dir=cache)] == ["1"]
 
+    # ids are kept as written: no numeric inference ("007" is not 7), no NA guessing
+    odd = tmp_path / "odd_ids.csv"
+    with open(odd, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["raw", "sentids", "split", "filename", "img_id"])
+        writer.writerows([['["A."]', "[1]", "test", "a.jpg", "007"], ['["B."]', "[2]", "test", "b.jpg", "NA"]])
+    assert [r.image_id for r in load_flickr30k(odd, cache_dir=cache)] == ["007", "NA"]
+
     karpathy = tmp_path / "dataset_flickr30k.json"
     karpathy.write_text(json.dumps({"images": [
         {"filename": "1000.jpg", "imgid": 0, "split": "train", "sentences": [{"raw": "A dog."}, {"raw": "Dog."}]},

@@ -263,21 +263,100 @@ def test_hooks_removed_after_exception(adapter: VLMAdapter, make_image, kind: st
 
 
 # -------------------------------------------------------------------- generation
+@contextmanager
+def edited_o_proj(adapter: VLMAdapter, heads: list[tuple[int, int]]) -> Iterator[None]:
+    """Fold head mean replacement into o_proj.weight (the replacement is linear in the o_proj
+    input): each replaced head's columns W_h are zeroed and W_h / (H - 1) is added to every
+    other head's columns, all from the original weight; restore after."""
+    layers = sorted({layer for layer, _ in heads})
+    saved = {layer: adapter.attn_out_proj(layer).weight.detach().clone() for layer in layers}
+    d, num_heads = adapter.head_dim, adapter.num_heads
+    try:
+        with torch.no_grad():
+            for layer, head in heads:
+                original = saved[layer].view(-1, num_heads, d)
+                weight = adapter.attn_out_proj(layer).weight.view(-1, num_heads, d)
+                others = [h for h in range(num_heads) if h != head]
+                weight[:, head] -= original[:, head]
+                weight[:, others] += original[:, head : head + 1] / (num_heads - 1)
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, weight in saved.items():
+                adapter.attn_out_proj(layer).weight.copy_(weight)
+
+
+def run_generation(adapter: VLMAdapter, batch: dict[str, Tensor], steps: int = 4) -> tuple[list[str], Tensor, Tensor]:
+    """adapter.generate's texts, plus the greedy tokens [b, steps] and raw logits [b, steps, vocab]
+    of the same decoding forced to `steps` new tokens (so runs can be compared step by step)."""
+    texts = adapter.generate(batch, max_new_tokens=steps)
+    inputs = adapter.model_inputs(batch)
+    stop = adapter.stop_token_ids
+    with torch.no_grad():
+        out = adapter.model.generate(
+            **inputs,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=stop,
+            pad_token_id=adapter.tokenizer.pad_token_id if adapter.tokenizer.pad_token_id is not None else stop[0],
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return texts, out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1)
+
+
 @pytest.mark.parametrize("kind", ["heads", "row_heads", "zero", "scale", "capture"])
 def test_generate_under_intervention(adapter: VLMAdapter, make_image, kind: str) -> None:
+    """Each intervention acts on every decoding step exactly as the equivalent weight edit does
+    (o_proj columns for head mean replacement, down_proj columns for zeroing / scaling); capture
+    and a neutral scaler leave generation untouched."""
     batch = make_batch(adapter, make_image)
+    heads, row_heads = [(1, 1), (3, 0)], [(1, 1), None, (0, 2)]
+    scaler = NeuronScaler(NEURONS, init=0.5)
     managers = {
-        "heads": lambda: mean_replace_heads(adapter, heads=[(1, 1), (3, 0)]),
-        "row_heads": lambda: mean_replace_heads(adapter, row_heads=[(1, 1), None, (0, 2)]),
+        "heads": lambda: mean_replace_heads(adapter, heads=heads),
+        "row_heads": lambda: mean_replace_heads(adapter, row_heads=row_heads),
         "zero": lambda: zero_neurons(adapter, NEURONS),
-        "scale": lambda: scale_neurons(adapter, NeuronScaler(NEURONS, init=0.5)),
+        "scale": lambda: scale_neurons(adapter, scaler),
         "capture": lambda: capture_ffn_activations(adapter, layers=[2]),
     }
+    base_texts, base_tokens, base_logits = run_generation(adapter, batch)
     with managers[kind]() as captured:
-        texts = adapter.generate(batch, max_new_tokens=4)
+        texts, tokens, logits = run_generation(adapter, batch)
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     if kind == "capture":
-        assert captured[2].shape[0] == 3 and captured[2].shape[1] > batch["input_ids"].shape[1]
+        assert texts == base_texts and torch.equal(tokens, base_tokens) and torch.equal(logits, base_logits)
+        # the last generate's prefill + 3 cached steps (the 4th token is never fed back)
+        assert captured[2].shape == (3, batch["input_ids"].shape[1] + 3, adapter.ffn_width)
+        return
+    if kind == "scale":
+        with scale_neurons(adapter, NeuronScaler(NEURONS, init=0.0)):
+            neutral = run_generation(adapter, batch)
+        assert neutral[0] == base_texts and torch.equal(neutral[1], base_tokens)
+        torch.testing.assert_close(neutral[2], base_logits, atol=0, rtol=0)
+    references = {
+        "heads": lambda: edited_o_proj(adapter, heads),
+        "zero": lambda: edited_down_proj(adapter, {l: (i, torch.zeros(len(i))) for l, i in NEURONS.items()}),
+        "scale": lambda: edited_down_proj(
+            adapter, {l: (scaler.indices(l), 1 + scaler.values(l).detach()) for l in scaler.layers}
+        ),
+    }
+    if kind == "row_heads":  # row r from a whole-batch run under row r's head as a weight edit
+        runs = []
+        for head in row_heads:
+            with edited_o_proj(adapter, [] if head is None else [head]):
+                runs.append(run_generation(adapter, batch))
+        ref_texts = [run[0][row] for row, run in enumerate(runs)]
+        ref_tokens = torch.stack([run[1][row] for row, run in enumerate(runs)])
+        ref_logits = torch.stack([run[2][row] for row, run in enumerate(runs)])
+    else:
+        with references[kind]():
+            ref_texts, ref_tokens, ref_logits = run_generation(adapter, batch)
+    assert texts == ref_texts and torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(logits, base_logits, atol=1e-3, rtol=1e-3)  # the intervention does change it
 
 
 def test_generation_hooks_act_on_new_positions(adapter: VLMAdapter, make_image) -> None:

@@ -173,6 +173,27 @@ def test_scales_load_exactly_under_a_bf16_default_dtype(tmp_path: Path) -> None:
         assert loaded.s.dtype == torch.float32 and torch.equal(loaded.s, scaler.s.detach())
 
 
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({"s": torch.tensor([0.1, float("nan")]), "index_1": torch.tensor([4, 2])}, r"'s' holds 1 non-finite value"),
+        ({"s": torch.tensor([0.1]), "index_1": torch.tensor([4, 2])}, r"'s' has 1 values but the index tensors select 2"),
+        ({"s": torch.tensor([0.1, 0.2]), "index_x": torch.tensor([4, 2])}, r"tensor 'index_x' does not name a layer"),
+        ({"s": torch.tensor([0.1, 0.2]), "index_1": torch.tensor([4, 4])}, r"'index_1' repeats a neuron index"),
+        ({"s": torch.tensor([0.1]), "index_1": torch.tensor([0.5])}, r"'index_1' must be a non-empty 1-D integer tensor"),
+        ({"s": torch.tensor([0.1]), "index_1": torch.tensor([3]), "w": torch.ones(1)}, r"unexpected tensor\(s\) \['w'\]"),
+    ],
+)
+def test_bad_safetensors_scales_name_the_file(tmp_path: Path, tensors: dict[str, torch.Tensor], message: str) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "bad_scales.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(BankError, match=rf"bad_scales\.safetensors: {message}") as info:
+        load_scales(path)
+    assert "\n" not in str(info.value)
+
+
 def test_scale_statistics() -> None:
     stats = scale_statistics(torch.tensor([0.0, 0.5, -1.0, 0.0]))
     assert stats == {"scale_abs_mean": 0.375, "scale_abs_max": 1.0, "scale_nonzero_frac": 0.5}

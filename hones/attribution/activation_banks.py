@@ -29,7 +29,6 @@ from hones.attribution.baselines import ape_selection, select_top_neurons
 from hones.attribution.settings import TASKS
 
 AP_KEY = "stat_activation_probability"
-MA_KEY = "stat_mean_activation"
 
 
 def statistic_banks(statistics: Mapping[str, Tensor], budget: int) -> dict[str, list[BankEntry]]:

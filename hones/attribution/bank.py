@@ -81,6 +81,15 @@ def _as_int(value: Any, what: str, source: str) -> int:
         raise BankError(f"{source}: {what} must be an integer; got {value!r}") from None
 
 
+def _as_score(value: Any, what: str, source: str) -> float:
+    """A bank entry's score: a number, or null (NaN: the released format has no scores)."""
+    if value is None:
+        return float("nan")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BankError(f"{source}: {what} must be a number or null; got {value!r}")
+    return float(value)
+
+
 def parse_bank(data: Any, source: str = "bank") -> list[BankEntry]:
     """Entries from either JSON layout (see the module docstring), sorted by rank."""
     entries: list[BankEntry] = []
@@ -88,12 +97,11 @@ def parse_bank(data: Any, source: str = "bank") -> list[BankEntry]:
         for k, row in enumerate(data):
             if not isinstance(row, Mapping) or "layer" not in row or "neuron" not in row:
                 raise BankError(f"{source}: entry {k} must be an object with 'layer' and 'neuron'; got {row!r}")
-            score = row.get("score")
             entries.append(
                 BankEntry(
                     layer=_as_int(row["layer"], f"entry {k} layer", source),
                     neuron=_as_int(row["neuron"], f"entry {k} neuron", source),
-                    score=float("nan") if score is None else float(score),
+                    score=_as_score(row.get("score"), f"entry {k} score", source),
                     rank=_as_int(row.get("rank", k), f"entry {k} rank", source),
                 )
             )
@@ -187,16 +195,30 @@ def load_head_scores(path: str | os.PathLike) -> Any:
 
     from hones.attribution.heads import HeadScores
 
+    path = Path(path)
+    if not path.is_file():
+        raise BankError(f"{path}: head scores file not found")
     tensors = load_matrices(path)
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata() or {}
+    missing = sorted({"delta", "intervened", "baseline"} - set(tensors)) + sorted({"utility", "task", "num_items"} - set(meta))
+    if missing:
+        raise BankError(f"{path}: not a head scores file (lacks {', '.join(missing)})")
+    delta, intervened = tensors["delta"], tensors["intervened"]
+    if delta.ndim != 2 or intervened.shape != delta.shape or tensors["baseline"].numel() != 1:
+        raise BankError(
+            f"{path}: delta and intervened must be [layers, heads] of one shape and baseline a scalar; got "
+            f"{list(delta.shape)}, {list(intervened.shape)}, {list(tensors['baseline'].shape)}"
+        )
+    if not meta["num_items"].isdigit():
+        raise BankError(f"{path}: metadata num_items must be a whole number; got {meta['num_items']!r}")
     return HeadScores(
-        delta=tensors["delta"],
-        intervened=tensors["intervened"],
+        delta=delta,
+        intervened=intervened,
         baseline=float(tensors["baseline"]),
-        utility=meta.get("utility", ""),
-        task=meta.get("task", ""),
-        num_items=int(meta.get("num_items", 0)),
+        utility=meta["utility"],
+        task=meta["task"],
+        num_items=int(meta["num_items"]),
     )
 
 

@@ -38,8 +38,6 @@ from hones.attribution.bank import BankEntry, neurons_per_layer
 from hones.attribution.hooks import observe_ffn_activations, track_activations_for_grad
 from hones.attribution.stats import ActivationStatistics
 
-BASELINES = ("random", "activation", "write_in", "grad_x_act")
-
 
 # -- selection helpers ------------------------------------------------------------------------
 def budget_from_ratio(num_layers: int, ffn_width: int, top_ratio: float) -> int:

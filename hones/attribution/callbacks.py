@@ -36,6 +36,7 @@ from torch import Tensor
 
 from hones.attribution.bank import (
     BankEntry,
+    BankError,
     bank_to_layer_dict,
     load_head_scores,
     neurons_per_layer,
@@ -182,9 +183,6 @@ class _AttributionCallback(Callback):
         restore a partly processed split (``hones.attribution.checkpoint``).
         """
         return {}
-
-    def _path(self, name: str) -> Path | None:
-        return None if self.output_dir is None else self.output_dir / name
 
     # Lightning hooks
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -421,6 +419,12 @@ class NeuronAttributionCallback(_AttributionCallback):
         self.task = task
         default_k = DEFAULT_TOP_K.get(getattr(adapter, "model_type", ""), 30)
         heads, deltas = _heads_and_deltas(self.head_source, self.top_k, default_k)
+        for layer, head in heads:
+            if not (0 <= layer < adapter.num_layers and 0 <= head < adapter.num_heads):
+                raise BankError(
+                    f"head ({layer}, {head}) of H* is out of range for a model of {adapter.num_layers} layers x "
+                    f"{adapter.num_heads} heads (head scores of another model?)"
+                )
         self.attributor = NeuronAttributor(
             adapter.num_layers,
             adapter.ffn_width,

@@ -150,6 +150,14 @@ class NeuronAttributor(nn.Module):
             raise ValueError(f"{len(heads)} heads but {len(torch.as_tensor(deltas).flatten())} deltas")
         self.num_layers, self.ffn_width, self.task = int(num_layers), int(ffn_width), task
         self.heads, deltas_kept = positive_heads(heads, deltas)
+        if len(self.heads) < len(heads):
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            fallback = "; none is left, so Imp falls back to c̄ (the write-in baseline)" if not self.heads else ""
+            rank_zero_warn(
+                f"{task}: {len(heads) - len(self.heads)} of {len(heads)} heads have Δ ≤ 0 (or NaN) and do not "
+                f"condition the neuron importance (§3){fallback}"
+            )
         self.register_buffer("head_deltas", deltas_kept, persistent=False)
         self.idf = idf
         self.rows_per_forward = int(rows_per_forward)

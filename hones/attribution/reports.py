@@ -119,7 +119,21 @@ def masking_table(reports: Mapping[str, Mapping[str, Any]], methods: Sequence[st
     metrics = {task: reports[task].get("metric") for task in tasks}
     items = {task: reports[task].get("num_items") for task in tasks}
     neurons = {task: (reports[task].get("methods", {}).get("hones") or {}).get("num_neurons") for task in tasks}
-    return {"tasks": tasks, "metric": metrics, "num_items": items, "base": base, "hones_neurons": neurons, "rows": rows}
+    return {
+        "tasks": tasks, "metric": metrics, "num_items": items, "base": base, "hones_neurons": neurons, "rows": rows,
+        "missing_tasks": [t for t in TASKS if t not in reports],  # no masking.json: not in the averages
+        "methods_without_results": [m for m in order if rows[m]["num_tasks"] == 0],
+    }  # fmt: skip
+
+
+def masking_table_gaps(table: Mapping[str, Any]) -> list[str]:
+    """What the table lacks, one sentence each (for its note and the CLI's stderr)."""
+    gaps = []
+    if table.get("missing_tasks"):
+        gaps.append(f"no masking.json for {', '.join(table['missing_tasks'])}; averages cover the tasks shown")
+    if table.get("methods_without_results"):
+        gaps.append(f"no results for method(s) {', '.join(table['methods_without_results'])} in any task")
+    return gaps
 
 
 def masking_table_markdown(table: Mapping[str, Any], title: str = "") -> str:
@@ -134,6 +148,7 @@ def masking_table_markdown(table: Mapping[str, Any], title: str = "") -> str:
         "Relative drop 100·(P − P_masked)/|P| (%) on the test split when the selected neurons are set to 0; "
         f"neurons per selection (HONES budget): {budgets}; metrics: {metrics}."
     )
+    note += "".join(f" Note: {gap}." for gap in masking_table_gaps(table))
     heading = f"{title}\n\n" if title else ""
     return heading + io.markdown_table(header, [base_row, *rows]) + "\n" + note + "\n"
 

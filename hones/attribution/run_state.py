@@ -53,9 +53,13 @@ class RunState:
         self.path = Path(path)
         self.data: dict[str, Any] = {"version": STATE_VERSION, "model_name": model_name, "task": task, "config": {}, "stages": {}}
         if self.path.is_file():
-            loaded = io.read_json(self.path)
+            remedy = "remove it (or the run folder) to recompute the run's stages"
+            try:
+                loaded = io.read_json(self.path)
+            except ValueError as error:  # malformed JSON: the message names the file, line and column
+                raise AnalysisError(f"{error}; {remedy}") from None
             if not isinstance(loaded, dict) or loaded.get("version") != STATE_VERSION or "stages" not in loaded:
-                raise AnalysisError(f"{self.path}: not a state file of this version; remove it or rerun with --overwrite")
+                raise AnalysisError(f"{self.path}: not a state file of this version; {remedy}")
             self.data = loaded
 
     @property

@@ -121,23 +121,39 @@ def read_json_rows(path: PathLike, field: str, cache_dir: PathLike | None = None
 
 
 def read_csv_rows(path: PathLike, cache_dir: PathLike | None = None) -> list[dict[str, Any]]:
-    """Rows of a CSV file as dicts (empty cells are ``None``), read through HF ``datasets``."""
-    from datasets import load_dataset
+    """Rows of a CSV file as dicts of strings (empty cells are ``None``), read through HF ``datasets``.
+
+    Every column is read as text, exactly as written: no type inference (an id ``007``
+    stays ``"007"``, not 7) and no NA guessing (a cell ``NA`` stays ``"NA"``).
+    """
+    from datasets import Features, Value, load_dataset
     from datasets.exceptions import DatasetGenerationError
 
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
+    with open(path, encoding="utf-8", newline="") as handle:
+        header = next(csv.reader(handle), None)
+    if not header:
+        raise DataError(path, "empty CSV file (no header row)")
+    if len(set(header)) != len(header):
+        raise DataError(path, f"CSV header repeats a column name: {header}")
     try:
         with _quiet_datasets():
             table = load_dataset(
-                "csv", data_files=str(path), split="train", cache_dir=None if cache_dir is None else str(cache_dir)
+                "csv",
+                data_files=str(path),
+                split="train",
+                cache_dir=None if cache_dir is None else str(cache_dir),
+                features=Features({name: Value("string") for name in header}),
+                keep_default_na=False,
             )
-        return table.to_list()
+        rows = table.to_list()
     except (DatasetGenerationError, ValueError) as err:
         logger.debug("datasets could not tabulate %s (%s); reading it with csv", path, err)
         with open(path, encoding="utf-8", newline="") as handle:
-            return [{k: (v if v != "" else None) for k, v in row.items()} for row in csv.DictReader(handle)]
+            rows = list(csv.DictReader(handle))
+    return [{k: (v if v != "" else None) for k, v in row.items()} for row in rows]
 
 
 def read_split_ids(path: PathLike) -> set[str]:

@@ -114,9 +114,7 @@ TEXTVQA_QUESTIONS = (
     "what is written in the image?",
     "what text is shown here?",
 )
-N_COCO_TEMPLATES = 8
 PLATE_GRID_CELLS = 8  # text plates are aligned to a grid of image_size / 8 px (see _place_plate)
-N_FLICKR_TEMPLATES = 6
 N_CAPTIONS = 5
 
 

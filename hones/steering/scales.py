@@ -122,6 +122,35 @@ def scaler_from_rows(rows: Any, source: str = "scales") -> NeuronScaler:
     return scaler
 
 
+def _checked_scales_state(state: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
+    """``state`` if it is a well-formed scales file (``s`` ``[n]`` finite; ``index_<layer>``
+    ``[n_layer]`` integer, distinct, summing to n), else ``BankError`` naming ``path``."""
+    if "s" not in state or not any(key.startswith("index_") for key in state):
+        raise BankError(f"{path}: not a scales file (needs 's' and 'index_<layer>' tensors)")
+    extra = sorted(key for key in state if key != "s" and not key.startswith("index_"))
+    if extra:
+        raise BankError(f"{path}: unexpected tensor(s) {extra} in a scales file")
+    s = state["s"]
+    if s.ndim != 1 or not s.is_floating_point():
+        raise BankError(f"{path}: 's' must be a 1-D float tensor; got {s.dtype} of shape {list(s.shape)}")
+    if not bool(torch.isfinite(s).all()):
+        raise BankError(f"{path}: 's' holds {int((~torch.isfinite(s)).sum())} non-finite value(s)")
+    total = 0
+    for key in sorted(k for k in state if k.startswith("index_")):
+        layer = key[len("index_") :]
+        if not layer.isdigit():
+            raise BankError(f"{path}: tensor {key!r} does not name a layer (expected index_<layer>)")
+        index = state[key]
+        if index.ndim != 1 or index.is_floating_point() or index.dtype == torch.bool or index.numel() == 0:
+            raise BankError(f"{path}: {key!r} must be a non-empty 1-D integer tensor; got {index.dtype} of shape {list(index.shape)}")
+        if index.unique().numel() != index.numel():
+            raise BankError(f"{path}: {key!r} repeats a neuron index")
+        total += index.numel()
+    if total != s.numel():
+        raise BankError(f"{path}: 's' has {s.numel()} values but the index tensors select {total} neurons")
+    return state
+
+
 def load_scales(
     path: str | os.PathLike, num_layers: int | None = None, ffn_width: int | None = None
 ) -> NeuronScaler:
@@ -133,9 +162,7 @@ def load_scales(
     if path.suffix == ".json":
         scaler = scaler_from_rows(io.read_json(path), str(path))
     elif path.suffix == ".safetensors":
-        state = io.load_tensors(path)
-        if "s" not in state or not any(key.startswith("index_") for key in state):
-            raise BankError(f"{path}: not a scales file (needs 's' and 'index_<layer>' tensors)")
+        state = _checked_scales_state(io.load_tensors(path), path)
         with float32_default():
             scaler = NeuronScaler.from_state_dict(state)
     else:
