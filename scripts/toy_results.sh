@@ -8,7 +8,8 @@
 # 7. the budget sweep: HONES and random at 10% and 20%, 8. whole-layer FFN masking per task,
 # 9. steering with every neuron's scale free (Base and HONES), 10. steering on a 2000-image dev split,
 # 11. masking read teacher-forced (target log-probability, retrieval margin gap) at both budgets,
-# 12. the learned steering scales read teacher-forced on the test split.
+# 12. the learned steering scales read teacher-forced on the test split,
+# 13. HONES against random draws on a 3000-image test split (generation tasks, both budgets).
 # The analyze.py stages resume or skip finished work when rerun (OVERWRITE=1 recomputes them); the other steps rerun.
 set -euo pipefail
 model="${1:?usage: bash scripts/toy_results.sh llava|qwen2_5_vl}"
@@ -77,4 +78,14 @@ for task in vqa ocr caption retrieval; do
   # shellcheck disable=SC2086
   "$py" scripts/steering_test_likelihood.py --model "models/toy-$model" --task "$task" $limit \
     --compare_dir "runs/steering/toy-$model/$task/compare"
+done
+# 13. the same banks on a 3000-image test split (§6's largest; images are made per index, so its first
+# 300 are the test split above): HONES, the seeded random row and 8 more draws, generation tasks
+"$py" -m hones.data.toyworld --out runs/toyworld_test3000 --n-train 0 --n-dev 0 --n-test 3000 --n-ood 10 --if-missing
+for extra in "" "${five[*]}"; do
+  for task in vqa ocr caption; do
+    # shellcheck disable=SC2086
+    "$py" scripts/random_spread.py --config "configs/analyze/toy_$model.yaml" $extra --task "$task" --draws 8 \
+      --test_world runs/toyworld_test3000
+  done
 done

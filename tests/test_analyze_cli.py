@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -367,6 +368,19 @@ def test_random_spread_script(full_run: dict[str, Any], world: Path, model_dir: 
     assert script.main([*args, "--draws", "3", "--neurons.top_ratio", "0.05"]) == 2
     assert "neurons.top_ratio: 0.01 -> 0.05" in capsys.readouterr().err
     assert not (out / "tiny" / "ocr" / "random_spread.json").exists()
+
+    # --test_world: the same banks on the test split of a bigger world with the same settings
+    bigger, other = tmp_path / "bigger", tmp_path / "other"
+    generate_world(bigger, dataclasses.replace(WORLD, n_train=0, n_test=16), force=True)
+    generate_world(other, dataclasses.replace(WORLD, seed=1, n_train=0, n_test=16), force=True)
+    assert script.main([*args, "--draws", "2", "--test_world", str(bigger)]) == 0
+    wide = json.loads((out / "tiny" / "ocr" / "random_spread_bigger.json").read_text())
+    assert wide["test_world"] == str(bigger) and wide["num_items"] > masking["num_items"]
+    assert [d["seed"] for d in wide["random"]["draws"]] == [1, 2] and not (out / "tiny" / "ocr" / "random_spread.json").exists()
+    assert wide["seeded_random"]["seed"] == 0 and "seeded_random" not in spread
+    capsys.readouterr()
+    assert script.main([*args, "--draws", "2", "--test_world", str(other)]) == 2
+    assert "generated with other settings than the run's world {'seed': (0, 1)}" in capsys.readouterr().err
 
 
 def test_teacher_forced_masking_script(
