@@ -9,7 +9,8 @@
 # 9. steering with every neuron's scale free (Base and HONES), 10. steering on a 2000-image dev split,
 # 11. masking read teacher-forced (target log-probability, retrieval margin gap) at both budgets,
 # 12. the learned steering scales read teacher-forced on the test split,
-# 13. HONES against random draws on a 3000-image test split (generation tasks, both budgets).
+# 13. HONES against random draws on a 3000-image test split (generation tasks, both budgets),
+# 14. the steering comparison (Base, RandNeuron, HONES) tested on that split (retrieval: 1000 images).
 # The analyze.py stages resume or skip finished work when rerun (OVERWRITE=1 recomputes them); the other steps rerun.
 set -euo pipefail
 model="${1:?usage: bash scripts/toy_results.sh llava|qwen2_5_vl}"
@@ -88,4 +89,16 @@ for extra in "" "${five[*]}"; do
     "$py" scripts/random_spread.py --config "configs/analyze/toy_$model.yaml" $extra --task "$task" --draws 8 \
       --test_world runs/toyworld_test3000
   done
+done
+# 14. Base, RandNeuron and HONES steering (the 14-neuron banks, the same 200 dev images, so the same
+# learned scales) tested on 3000 test images (retrieval: the first 1000, 50 candidates each); no OOD
+"$py" -m hones.data.toyworld --out runs/toyworld_dev200_test3000 --n-train 0 --n-dev 200 --n-test 3000 --n-ood 10 --if-missing
+W=runs/toyworld_dev200_test3000
+for task in vqa ocr caption retrieval; do
+  limit=$([ "$task" = retrieval ] && echo "--compare.test_limit 1000" || true)
+  # shellcheck disable=SC2086
+  "$py" train.py compare --config "configs/steering/toy_${model}_${task}.yaml" \
+    --data.annotation_file "$W/coco/unified.json" --data.image_root "$W/coco/images" --data.split_file "$W/splits/dev.json" \
+    --compare.test_split_file "$W/splits/test.json" $limit --compare.methods "[base, rand_neuron, hones]" --compare.ood null \
+    --model.output_dir "runs/steering/toy-$model-test3000/$task" --compare.output_dir "runs/steering/toy-$model-test3000/$task/compare"
 done
