@@ -189,6 +189,9 @@ def test_flickr_csv_and_karpathy_json(tmp_path: Path, cache: Path) -> None:
         writer.writerow(["raw", "sentids", "split", "filename", "img_id"])
         writer.writerows([['["A."]', "[1]", "test", "a.jpg", "007"], ['["B."]', "[2]", "test", "b.jpg", "NA"]])
     assert [r.image_id for r in load_flickr30k(odd, cache_dir=cache)] == ["007", "NA"]
+    bom = tmp_path / "bom.csv"  # as spreadsheet programs save it
+    bom.write_bytes(b"\xef\xbb\xbf" + odd.read_bytes())
+    assert [r.captions for r in load_flickr30k(bom, cache_dir=cache)] == [["A."], ["B."]]
 
     karpathy = tmp_path / "dataset_flickr30k.json"
     karpathy.write_text(json.dumps({"images": [

@@ -132,7 +132,7 @@ def read_csv_rows(path: PathLike, cache_dir: PathLike | None = None) -> list[dic
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
-    with open(path, encoding="utf-8", newline="") as handle:
+    with open(path, encoding="utf-8-sig", newline="") as handle:  # -sig: a byte-order mark is not part of the first name
         header = next(csv.reader(handle), None)
     if not header:
         raise DataError(path, "empty CSV file (no header row)")
@@ -151,7 +151,7 @@ def read_csv_rows(path: PathLike, cache_dir: PathLike | None = None) -> list[dic
         rows = table.to_list()
     except (DatasetGenerationError, ValueError) as err:
         logger.debug("datasets could not tabulate %s (%s); reading it with csv", path, err)
-        with open(path, encoding="utf-8", newline="") as handle:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
             rows = list(csv.DictReader(handle))
     return [{k: (v if v != "" else None) for k, v in row.items()} for row in rows]
 
