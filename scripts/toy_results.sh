@@ -91,7 +91,7 @@ for extra in "" "${five[*]}"; do
   done
 done
 # 14. Base, RandNeuron and HONES steering (the 14-neuron banks, the same 200 dev images, so the same
-# learned scales) tested on 3000 test images (retrieval: the first 1000, 50 candidates each); no OOD
+# learned scales) tested on 3000 test images (retrieval: a seeded sample of 1000, 50 candidates each); no OOD
 "$py" -m hones.data.toyworld --out runs/toyworld_dev200_test3000 --n-train 0 --n-dev 200 --n-test 3000 --n-ood 10 --if-missing
 W=runs/toyworld_dev200_test3000
 for task in vqa ocr caption retrieval; do
