@@ -67,11 +67,12 @@ def with_test_world(config: Any, world_dir: str) -> Any:
         raise ValueError(f"{manifest_path}: not found (--test_world must be a finished toy world)")
     if not own_path.is_file():
         raise ValueError(f"{own_path}: not found (--test_world needs the run's data to be a toy world)")
-    theirs, ours = io.read_json(manifest_path)["config"], io.read_json(own_path)["config"]
+    manifest = io.read_json(manifest_path)
+    theirs, ours = manifest["config"], io.read_json(own_path)["config"]
     differ = {k: (ours.get(k), theirs.get(k)) for k in WORLD_CONTENT_KEYS if ours.get(k) != theirs.get(k)}
     if differ:
         raise ValueError(f"{manifest_path}: generated with other settings than the run's world {differ} (run, --test_world)")
-    files = io.read_json(manifest_path)["files"]["coco"]
+    files = manifest["files"]["coco"]
     data = dataclasses.replace(
         config.data, annotation_file=str(world / files["annotation_file"]), image_root=str(world / files["image_root"]), toy_world=None
     )

@@ -271,7 +271,7 @@ def test_heads_of_another_model_are_refused(tiny_llava: VLMAdapter, make_image, 
     """H* from a bigger model (layer 7 of a 4-layer one) stops with one line before any batch runs."""
     items = make_items(make_image)[:2]
     neurons_cb = NeuronAttributionCallback(heads=[(0, 1, 0.5), (7, 2, 0.3)], task="vqa")
-    with pytest.raises(BankError, match=r"head \(7, 2\) of H\* is out of range for a model of 4 layers x 4 heads"):
+    with pytest.raises(BankError, match=r"H\*: head \(7, 2\) out of range for 4 layers x 4 heads \(head scores of another model\?\)"):
         trainer(tmp_path, [neurons_cb]).validate(ShapesModule(tiny_llava), encoded_loader(tiny_llava, items, False), verbose=False)
 
 

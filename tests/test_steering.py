@@ -179,7 +179,7 @@ def test_scales_load_exactly_under_a_bf16_default_dtype(tmp_path: Path) -> None:
         ({"s": torch.tensor([0.1, float("nan")]), "index_1": torch.tensor([4, 2])}, r"'s' holds 1 non-finite value"),
         ({"s": torch.tensor([0.1]), "index_1": torch.tensor([4, 2])}, r"'s' has 1 values but the index tensors select 2"),
         ({"s": torch.tensor([0.1, 0.2]), "index_x": torch.tensor([4, 2])}, r"tensor 'index_x' does not name a layer"),
-        ({"s": torch.tensor([0.1, 0.2]), "index_1": torch.tensor([4, 4])}, r"'index_1' repeats a neuron index"),
+        ({"s": torch.tensor([0.1, 0.2]), "index_1": torch.tensor([4, 4])}, r"duplicate entry layer 1 neuron 4"),
         ({"s": torch.tensor([0.1]), "index_1": torch.tensor([0.5])}, r"'index_1' must be a non-empty 1-D integer tensor"),
         ({"s": torch.tensor([0.1]), "index_1": torch.tensor([3]), "w": torch.ones(1)}, r"unexpected tensor\(s\) \['w'\]"),
     ],

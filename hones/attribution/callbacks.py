@@ -47,7 +47,14 @@ from hones.attribution.bank import (
     write_head_list,
 )
 from hones.attribution.batches import ensure_prompt_only, ensure_targets
-from hones.attribution.heads import DEFAULT_TOP_K, HeadLocalizer, HeadScores, head_score_agreement, teacher_forced_measure
+from hones.attribution.heads import (
+    DEFAULT_TOP_K,
+    HeadLocalizer,
+    HeadScores,
+    check_heads,
+    head_score_agreement,
+    teacher_forced_measure,
+)
 from hones.attribution.neurons import NeuronAttribution, NeuronAttributor
 from hones.attribution.write_in import idf_from_items
 
@@ -419,12 +426,10 @@ class NeuronAttributionCallback(_AttributionCallback):
         self.task = task
         default_k = DEFAULT_TOP_K.get(getattr(adapter, "model_type", ""), 30)
         heads, deltas = _heads_and_deltas(self.head_source, self.top_k, default_k)
-        for layer, head in heads:
-            if not (0 <= layer < adapter.num_layers and 0 <= head < adapter.num_heads):
-                raise BankError(
-                    f"head ({layer}, {head}) of H* is out of range for a model of {adapter.num_layers} layers x "
-                    f"{adapter.num_heads} heads (head scores of another model?)"
-                )
+        try:
+            check_heads(heads, adapter.num_layers, adapter.num_heads)
+        except ValueError as error:  # H* comes from outside (a file, triples): name it as bad input
+            raise BankError(f"H*: {error} (head scores of another model?)") from None
         self.attributor = NeuronAttributor(
             adapter.num_layers,
             adapter.ffn_width,

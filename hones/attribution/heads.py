@@ -379,6 +379,13 @@ class MetricHeadAccumulator(nn.Module):
 
 
 # -- the accumulating localizer ----------------------------------------------------------
+def check_heads(heads: Sequence[Head], num_layers: int, num_heads: int) -> None:
+    """Raise ``ValueError`` (one line) for the first head outside ``num_layers`` x ``num_heads``."""
+    for layer, head in heads:
+        if not (0 <= layer < num_layers and 0 <= head < num_heads):
+            raise ValueError(f"head ({layer}, {head}) out of range for {num_layers} layers x {num_heads} heads")
+
+
 class HeadLocalizer(nn.Module):
     """Accumulates head scores over batches of the discovery split (HONES_METHOD §2).
 
@@ -415,9 +422,7 @@ class HeadLocalizer(nn.Module):
         self.num_layers, self.num_heads = int(num_layers), int(num_heads)
         self.task, self.utility = task, utility
         self.heads = [(int(l), int(h)) for l, h in heads] if heads is not None else candidate_heads(num_layers, num_heads)
-        for layer, head in self.heads:
-            if not (0 <= layer < num_layers and 0 <= head < num_heads):
-                raise ValueError(f"head ({layer}, {head}) out of range for {num_layers} layers x {num_heads} heads")
+        check_heads(self.heads, num_layers, num_heads)
         self.rows_per_forward, self.rerun = int(rows_per_forward), bool(rerun)
         self.max_new_tokens = int(max_new_tokens)
         self.sums = HeadUtilityAccumulator(num_layers, num_heads) if utility == "teacher_forced" else None

@@ -124,7 +124,8 @@ def scaler_from_rows(rows: Any, source: str = "scales") -> NeuronScaler:
 
 def _checked_scales_state(state: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
     """``state`` if it is a well-formed scales file (``s`` ``[n]`` finite; ``index_<layer>``
-    ``[n_layer]`` integer, distinct, summing to n), else ``BankError`` naming ``path``."""
+    ``[n_layer]`` integer, a valid selection (``validate_neurons``), n in all), else
+    ``BankError`` naming ``path``."""
     if "s" not in state or not any(key.startswith("index_") for key in state):
         raise BankError(f"{path}: not a scales file (needs 's' and 'index_<layer>' tensors)")
     extra = sorted(key for key in state if key != "s" and not key.startswith("index_"))
@@ -135,7 +136,7 @@ def _checked_scales_state(state: dict[str, Tensor], path: Path) -> dict[str, Ten
         raise BankError(f"{path}: 's' must be a 1-D float tensor; got {s.dtype} of shape {list(s.shape)}")
     if not bool(torch.isfinite(s).all()):
         raise BankError(f"{path}: 's' holds {int((~torch.isfinite(s)).sum())} non-finite value(s)")
-    total = 0
+    neurons: dict[int, Tensor] = {}
     for key in sorted(k for k in state if k.startswith("index_")):
         layer = key[len("index_") :]
         if not layer.isdigit():
@@ -143,9 +144,9 @@ def _checked_scales_state(state: dict[str, Tensor], path: Path) -> dict[str, Ten
         index = state[key]
         if index.ndim != 1 or index.is_floating_point() or index.dtype == torch.bool or index.numel() == 0:
             raise BankError(f"{path}: {key!r} must be a non-empty 1-D integer tensor; got {index.dtype} of shape {list(index.shape)}")
-        if index.unique().numel() != index.numel():
-            raise BankError(f"{path}: {key!r} repeats a neuron index")
-        total += index.numel()
+        neurons[int(layer)] = index
+    validate_neurons(neurons, source=str(path))  # duplicates, negative ids: the check the JSON rows get
+    total = sum(index.numel() for index in neurons.values())
     if total != s.numel():
         raise BankError(f"{path}: 's' has {s.numel()} values but the index tensors select {total} neurons")
     return state
