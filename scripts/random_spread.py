@@ -80,21 +80,23 @@ def with_test_world(config: Any, world_dir: str) -> Any:
     return dataclasses.replace(config, data=data, test=test)
 
 
+def relative_drop(base: float, masked: float) -> float | None:
+    """100 · (P − P_masked) / |P| (%), None when P = 0."""
+    return 100.0 * (base - masked) / abs(base) if base != 0 else None
+
+
 def spread_summary(base: float, hones: float, draws: list[dict[str, float]]) -> dict[str, object]:
     """Mean / sd of the random draws' masked metric and HONES's place among them."""
     masked = [d["masked"] for d in draws]
     mean, sd = mean_and_sd(masked)
 
-    def relative(value: float) -> float | None:
-        return 100.0 * (base - value) / abs(base) if base != 0 else None
-
     return {
         "base": base,
-        "hones": {"masked": hones, "relative_drop": relative(hones)},
+        "hones": {"masked": hones, "relative_drop": relative_drop(base, hones)},
         "random": {
             "mean_masked": mean,
             "sd_masked": sd,
-            "mean_relative_drop": relative(mean),
+            "mean_relative_drop": relative_drop(base, mean),
             "sd_relative_drop": 100.0 * sd / abs(base) if base != 0 else None,
             "draws": draws,
         },
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         base = results["base"]
         summary["seeded_random"] = {
             "seed": config.neurons.baseline_seed, "masked": masked,
-            "relative_drop": 100.0 * (base - masked) / abs(base) if base != 0 else None,
+            "relative_drop": relative_drop(base, masked),
         }  # fmt: skip
     io.write_json(run.run_dir / out_name, summary)
     rnd = summary["random"]
