@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hones import io  # noqa: E402
 from hones.attribution.bank import read_bank  # noqa: E402
 from hones.attribution.pipeline import finished_neurons_run, run_script_parser  # noqa: E402
-from hones.attribution.reports import mean_and_sd  # noqa: E402
+from hones.attribution.reports import mean_and_sd, relative_drop  # noqa: E402
 
 
 def build_parser() -> Any:
@@ -78,11 +78,6 @@ def with_test_world(config: Any, world_dir: str) -> Any:
     )
     test = dataclasses.replace(config.test, split_file=str(world / files["splits"]["test"]))
     return dataclasses.replace(config, data=data, test=test)
-
-
-def relative_drop(base: float, masked: float) -> float | None:
-    """100 · (P − P_masked) / |P| (%), None when P = 0."""
-    return 100.0 * (base - masked) / abs(base) if base != 0 else None
 
 
 def spread_summary(base: float, hones: float, draws: list[dict[str, float]]) -> dict[str, object]:

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from hones import io
-from hones.analysis.cross_ablation import cross_ablation, masked_metrics, relative_drop
+from hones.analysis.cross_ablation import cross_ablation, masked_metrics
+from hones.attribution.reports import relative_drop
 from hones.analysis.layer_preference import layer_counts, layer_counts_table
 from hones.analysis.logit_lens import lens_logits, logit_lens, residual_stream, token_label, top_delta_tokens
 from hones.analysis.overlap import OverlapGroup, jaccard_matrix, neuron_set, overlap_groups
@@ -100,7 +101,7 @@ def test_relative_drop() -> None:
     assert relative_drop(0.5, 0.4) == pytest.approx(20.0)
     assert relative_drop(-0.5, -0.6) == pytest.approx(20.0)
     assert relative_drop(0.5, 0.6) == pytest.approx(-20.0)
-    assert math.isnan(relative_drop(0.0, 0.3))
+    assert relative_drop(0.0, 0.3) is None
 
 
 # -- data + model fixtures -------------------------------------------------------------------------
@@ -155,10 +156,11 @@ def test_cross_ablation_drop_per_group_and_task(tiny_llava, world: Path) -> None
         drop = float(result.relative_drop[g, 0])
         assert math.isfinite(drop)
         for t in range(2):
-            expected = relative_drop(float(result.base[t]), float(result.masked[g, t]))
-            assert (math.isnan(expected) and math.isnan(float(result.relative_drop[g, t]))) or expected == pytest.approx(
-                float(result.relative_drop[g, t])
-            )
+            base, masked = float(result.base[t]), float(result.masked[g, t])
+            if base == 0:
+                assert math.isnan(float(result.relative_drop[g, t]))
+            else:
+                assert float(result.relative_drop[g, t]) == pytest.approx(100.0 * (base - masked) / abs(base))
     # the empty group, actually run (skip_empty=False): nothing masked, exactly no drop
     assert float(result.masked[-1, 0]) == base_retrieval
     assert float(result.relative_drop[-1, 0]) == 0.0

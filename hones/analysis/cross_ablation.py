@@ -27,6 +27,7 @@ from hones import io
 from hones.analysis.overlap import OverlapGroup
 from hones.analysis.report import new_figure
 from hones.attribution.batches import ensure_prompt_only
+from hones.attribution.reports import relative_drop
 from hones.evaluation import TaskScorer
 from hones.interventions import zero_neurons
 from hones.metrics import build_metric
@@ -35,11 +36,10 @@ Batch = Mapping[str, Any]
 LayerNeurons = Mapping[int, Tensor]
 
 
-def relative_drop(base: float, masked: float) -> float:
-    """100 · (P − P_masked) / |P|; NaN when P = 0 (HONES_METHOD §4)."""
-    if base == 0:
-        return float("nan")
-    return 100.0 * (base - masked) / abs(base)
+def _relative_drop_or_nan(base: float, masked: float) -> float:
+    """``reports.relative_drop`` as a tensor entry: NaN where it is undefined (P = 0)."""
+    relative = relative_drop(base, masked)
+    return float("nan") if relative is None else relative
 
 
 @torch.no_grad()
@@ -156,7 +156,7 @@ def cross_ablation(
         for g, group in enumerate(groups):
             masked[g, t] = values.get(group.name, values["base"])
     drops = torch.tensor(
-        [[relative_drop(float(base[t]), float(masked[g, t])) for t in range(len(tasks))] for g in range(len(groups))],
+        [[_relative_drop_or_nan(float(base[t]), float(masked[g, t])) for t in range(len(tasks))] for g in range(len(groups))],
         dtype=torch.float64,
     ).reshape(len(groups), len(tasks))
     return CrossAblation(

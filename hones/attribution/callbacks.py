@@ -56,6 +56,7 @@ from hones.attribution.heads import (
     teacher_forced_measure,
 )
 from hones.attribution.neurons import NeuronAttribution, NeuronAttributor
+from hones.attribution.reports import relative_drop
 from hones.attribution.write_in import idf_from_items
 
 AdapterFactory = Callable[[L.LightningModule], Any]
@@ -642,7 +643,7 @@ class MaskingVerificationCallback(_AttributionCallback):
             banks[name] = {
                 "masked": values[name],
                 "drop": drop,
-                "relative_drop": _finite_or_none(100.0 * drop / abs(base)) if base != 0 else None,
+                "relative_drop": relative_drop(base, values[name]),
                 "num_neurons": self.num_neurons[name],
             }
         self.results = {"task": self.task, "metric": self.metrics["base"].__class__.__name__, "base": base, "banks": banks}

@@ -35,13 +35,23 @@ METHOD_LABELS = {
 }
 
 
+def relative_drop(base: float, masked: float) -> float | None:
+    """HONES_METHOD §4's relative drop 100 · (P − P_masked) / |P| in %; None when P = 0 or not finite."""
+    if base == 0:
+        return None
+    relative = 100.0 * (base - masked) / abs(base)
+    return relative if math.isfinite(relative) else None
+
+
 def masking_row(base: float, masked: float, num_neurons: int) -> dict[str, Any]:
     """One method's row: base, masked, drop = base − masked, relative drop in %, neurons."""
-    drop = base - masked
-    relative = 100.0 * drop / abs(base) if base != 0 else None
-    if relative is not None and not math.isfinite(relative):
-        relative = None
-    return {"base": base, "masked": masked, "drop": drop, "relative_drop": relative, "num_neurons": int(num_neurons)}
+    return {
+        "base": base,
+        "masked": masked,
+        "drop": base - masked,
+        "relative_drop": relative_drop(base, masked),
+        "num_neurons": int(num_neurons),
+    }
 
 
 def mean_and_sd(values: Sequence[float]) -> tuple[float, float]:
