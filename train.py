@@ -1,4 +1,4 @@
-"""HONES steering (HONES_METHOD §5): learn a sparse scale per selected FFN neuron.
+r"""HONES steering (HONES_METHOD §5): learn a sparse scale per selected FFN neuron.
 
     python train.py fit      --config configs/steering/toy_llava_vqa.yaml
     python train.py validate --config configs/steering/toy_llava_vqa.yaml --model.scales runs/.../scales.safetensors
@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     # The frozen VLM stays in eval mode on purpose (no dropout in teacher or student).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     try:
+        if args[:1] in (["-h"], ["--help"]):
+            print(__doc__)  # lists ``compare``, which is not a LightningCLI subcommand
         if args and args[0] == "compare":
             from hones.steering.compare import main as compare_main
 

@@ -471,6 +471,10 @@ def test_train_py_fit_test_and_bank_error(toy_run: dict[str, Path], tmp_path: Pa
     assert failed.returncode != 0
     assert failed.stderr.strip().splitlines()[-1] == f"train.py: {bad}: layer 9 out of range [0, 4) (neuron 3)"
 
+    helped = train("--help")
+    assert helped.returncode == 0, helped.stderr[-2000:]
+    assert "python train.py compare" in helped.stdout and "{fit,validate,test,predict}" in helped.stdout
+
 
 @pytest.mark.parametrize("task", ["vqa", "retrieval"])
 def test_steering_test_likelihood_script(toy_run: dict[str, Path], tmp_path: Path, task: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -199,7 +199,7 @@ class AnalyzeConfig:
         output_root: runs go to ``<output_root>/<model_name>/<task>/``.
         overwrite: recompute the requested stages even when ``state.json`` records them
             (with other settings too), and forget the stages that depend on them.
-        checkpoint_every_n_batches: save the heads/neurons accumulators this often so that
+        checkpoint_every_n_batches: save the heads/neurons/masking accumulators this often so that
             an interrupted pass resumes mid-split (0: never).
         data, discovery, test, heads, neurons, masking, trainer: see their classes.
     """
