@@ -29,8 +29,10 @@ import warnings
 from typing import Any
 
 from jsonargparse import Namespace, lazy_instance
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.loggers import TensorBoardLogger
+
+from hones.progress import ProgressCLI
 
 SUBCOMMANDS = ("validate", "test")
 DEFAULT_SUBCOMMAND = "test"
@@ -57,7 +59,7 @@ def _fill(template: Any, fields: dict[str, str]) -> Any:
     return template.format(**fields)
 
 
-class EvalCLI(LightningCLI):
+class EvalCLI(ProgressCLI):
     """LightningCLI with the ``validate`` / ``test`` subcommands, the task link and run-directory fields."""
 
     @staticmethod

@@ -65,6 +65,7 @@ from hones.attribution.settings import (
     stage_fingerprint,
 )
 from hones.data.tasks import N_NEGATIVES
+from hones.progress import log_progress_bar
 
 COMMANDS = ("all", "heads", "neurons", "mask")
 
@@ -290,6 +291,7 @@ class TaskRun:
         """A predict-only Trainer from the run's trainer settings; ``logger`` defaults to ``self.logger()``
         (``False``: none)."""
         settings = self.config.trainer
+        callbacks = [*callbacks, *self.extra_callbacks]
         return L.Trainer(
             accelerator=settings.accelerator,
             devices=settings.devices,
@@ -297,7 +299,7 @@ class TaskRun:
             num_nodes=settings.num_nodes,
             precision=settings.precision,
             logger=self.logger() if logger is None else logger,
-            callbacks=[*callbacks, *self.extra_callbacks],
+            callbacks=[*callbacks, *log_progress_bar(callbacks, settings.enable_progress_bar)],
             enable_progress_bar=settings.enable_progress_bar,
             enable_model_summary=False,
             enable_checkpointing=False,

@@ -17,10 +17,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.loggers import TensorBoardLogger
 from jsonargparse import lazy_instance
 
+from hones.progress import ProgressCLI
 from hones.steering.methods import GRID_FACTORS, METHOD_NAMES
 
 # §5: 2 epochs, gradient accumulation 4, gradient-norm clip 1.0.
@@ -58,7 +59,7 @@ class CompareSettings:
     ood: dict[str, Any] | None = None
 
 
-class SteeringCLI(LightningCLI):
+class SteeringCLI(ProgressCLI):
     """LightningCLI with the §5 defaults, the task link and the ``compare`` section."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
