@@ -32,7 +32,7 @@ from jsonargparse import Namespace, lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from hones.progress import ProgressCLI
+from hones.run_defaults import HonesCLI
 
 SUBCOMMANDS = ("validate", "test")
 DEFAULT_SUBCOMMAND = "test"
@@ -59,7 +59,7 @@ def _fill(template: Any, fields: dict[str, str]) -> Any:
     return template.format(**fields)
 
 
-class EvalCLI(ProgressCLI):
+class EvalCLI(HonesCLI):
     """LightningCLI with the ``validate`` / ``test`` subcommands, the task link and run-directory fields."""
 
     @staticmethod

@@ -7,8 +7,8 @@ shows no progress at all. When stdout is not a terminal we give the Trainer Ligh
 ``TQDMProgressBar`` instead, refreshed every ``REFRESH_BATCHES`` batches, so that
 ``tail -f run.log`` shows how far a pass is. On a terminal nothing changes.
 
-- ``log_progress_bar``: the callbacks to add to a Trainer built in code.
-- ``ProgressCLI``: a ``LightningCLI`` that does the same for its Trainer.
+``log_progress_bar`` gives the callback to add; ``hones.run_defaults`` adds it to every
+Trainer that hones builds.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ from __future__ import annotations
 import sys
 from typing import IO, Any, Sequence
 
-from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
-from lightning.pytorch.cli import LightningCLI
 
 REFRESH_BATCHES = 10
 
@@ -34,19 +32,3 @@ def log_progress_bar(callbacks: Sequence[Any] | None, enabled: bool | None, stre
     if is_terminal is not None and is_terminal():
         return []
     return [TQDMProgressBar(refresh_rate=REFRESH_BATCHES)]
-
-
-class ProgressCLI(LightningCLI):
-    """``LightningCLI`` whose Trainer gets ``log_progress_bar``'s bar when stdout is not a terminal."""
-
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The usual Trainer, plus a log-file progress bar where Rich would draw nothing."""
-        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        trainer_config = config.get("trainer") or {}
-        callbacks = kwargs.get("callbacks", trainer_config.get("callbacks"))
-        callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
-        enabled = kwargs.get("enable_progress_bar", trainer_config.get("enable_progress_bar"))
-        extra = log_progress_bar(callbacks, enabled)
-        if extra:
-            kwargs["callbacks"] = [*callbacks, *extra]
-        return super().instantiate_trainer(**kwargs)

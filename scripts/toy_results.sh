@@ -10,7 +10,8 @@
 # 9. steering with every neuron's scale free (Base and HONES), 10. steering on a 2000-image dev split,
 # 11. masking read teacher-forced (target log-probability, retrieval margin gap) at both budgets,
 # 12. the learned steering scales read teacher-forced on the test split,
-# 13. HONES against random draws on a 3000-image test split (generation tasks, both budgets),
+# 13. HONES against random draws on a 3000-image test split (generation tasks, both budgets; retrieval
+#     on 1000 of its images at 1%),
 # 14. the steering comparison (Base, RandNeuron, HONES) tested on that split (retrieval: 1000 images),
 # 15. the one-off checks: image reliance, 20%-bank steering on VQA, and for llava the paper's metric
 #     utility for the heads stage at 5% and the OCR placement probe.
@@ -93,6 +94,9 @@ for extra in "" "${five[*]}"; do
       --test_world runs/toyworld_test3000
   done
 done
+# retrieval on a seeded sample of 1000 of those images (50,000 candidates; about an hour per model on one core), 1% only
+"$py" scripts/random_spread.py --config "configs/analyze/toy_$model.yaml" --task retrieval --draws 8 \
+  --test_world runs/toyworld_test3000 --test.limit 1000
 # 14. Base, RandNeuron and HONES steering (the 14-neuron banks, the same 200 dev images, so the same
 # learned scales) tested on 3000 test images (retrieval: a seeded sample of 1000, 50 candidates each); no OOD
 "$py" -m hones.data.toyworld --out runs/toyworld_dev200_test3000 --n-train 0 --n-dev 200 --n-test 3000 --n-ood 10 --if-missing

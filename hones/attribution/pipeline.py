@@ -65,7 +65,7 @@ from hones.attribution.settings import (
     stage_fingerprint,
 )
 from hones.data.tasks import N_NEGATIVES
-from hones.progress import log_progress_bar
+from hones.run_defaults import default_callbacks
 
 COMMANDS = ("all", "heads", "neurons", "mask")
 
@@ -299,7 +299,7 @@ class TaskRun:
             num_nodes=settings.num_nodes,
             precision=settings.precision,
             logger=self.logger() if logger is None else logger,
-            callbacks=[*callbacks, *log_progress_bar(callbacks, settings.enable_progress_bar)],
+            callbacks=[*callbacks, *default_callbacks(callbacks, settings.enable_progress_bar)],
             enable_progress_bar=settings.enable_progress_bar,
             enable_model_summary=False,
             enable_checkpointing=False,

@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.loggers import TensorBoardLogger
 from jsonargparse import lazy_instance
 
-from hones.progress import ProgressCLI
+from hones.run_defaults import HonesCLI
 from hones.steering.methods import GRID_FACTORS, METHOD_NAMES
 
 # §5: 2 epochs, gradient accumulation 4, gradient-norm clip 1.0.
@@ -59,7 +59,7 @@ class CompareSettings:
     ood: dict[str, Any] | None = None
 
 
-class SteeringCLI(ProgressCLI):
+class SteeringCLI(HonesCLI):
     """LightningCLI with the §5 defaults, the task link and the ``compare`` section."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -31,7 +31,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from hones import io
 from hones.data.datamodule import HonesDataModule
-from hones.progress import log_progress_bar
+from hones.run_defaults import default_callbacks
 from hones.steering.cli import ConfigReader, read_config
 from hones.steering.methods import SteeringMethod, factor_to_scale, get_method
 from hones.steering.module import SteeringModule
@@ -106,7 +106,7 @@ class Comparison:
         kwargs["enable_checkpointing"] = False  # the scales are exported instead
         callbacks = kwargs.get("callbacks") or []
         kwargs["callbacks"] = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
-        kwargs["callbacks"] += log_progress_bar(kwargs["callbacks"], kwargs.get("enable_progress_bar"))
+        kwargs["callbacks"] += default_callbacks(kwargs["callbacks"], kwargs.get("enable_progress_bar"))
         if fit:  # §5 trains a fixed schedule; evaluation follows the fit
             kwargs["limit_val_batches"] = 0
             kwargs["num_sanity_val_steps"] = 0

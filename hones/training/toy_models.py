@@ -272,9 +272,9 @@ def save_model_atomically(adapter: Any, output_dir: str | os.PathLike) -> Path:
 
 def main() -> None:
     """LightningCLI over ``ToyVLMModule`` + ``ToyWorldTrainData`` (fit / validate)."""
-    from hones.progress import ProgressCLI
+    from hones.run_defaults import HonesCLI
 
-    ProgressCLI(ToyVLMModule, ToyWorldTrainData, seed_everything_default=0, save_config_kwargs={"overwrite": True})
+    HonesCLI(ToyVLMModule, ToyWorldTrainData, seed_everything_default=0, save_config_kwargs={"overwrite": True})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,99 @@
+"""What every hones Trainer gets (``hones.run_defaults``): a progress bar that shows in log
+files (``hones.progress``) and heap trimming (``hones.heap``)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+
+import pytest
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+import hones.heap
+from hones.heap import HeapTrim, trim_heap
+from hones.progress import REFRESH_BATCHES, log_progress_bar
+from hones.run_defaults import default_callbacks
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_log_progress_bar_only_off_a_terminal() -> None:
+    (bar,) = log_progress_bar([], True, stream=io.StringIO())
+    assert isinstance(bar, TQDMProgressBar) and bar.refresh_rate == REFRESH_BATCHES
+    assert log_progress_bar([], None, stream=io.StringIO()) != []  # Lightning's default is on
+    assert log_progress_bar([], True, stream=_Terminal()) == []
+    assert log_progress_bar([], False, stream=io.StringIO()) == []
+    assert log_progress_bar([RichProgressBar()], True, stream=io.StringIO()) == []  # the user's bar stands
+
+
+def test_trainer_with_the_log_bar_has_one_progress_bar() -> None:
+    callbacks = log_progress_bar([], True, stream=io.StringIO())
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=callbacks, enable_checkpointing=False)
+    bars = [c for c in trainer.callbacks if isinstance(c, ProgressBar)]
+    assert len(bars) == 1 and type(bars[0]) is TQDMProgressBar
+
+
+def test_cli_writes_progress_to_a_log_file_and_trims_the_heap(tmp_path: Path) -> None:
+    """``HonesCLI`` with stdout to a file: the TQDM bar's lines are in the file (Rich writes none
+    mid-pass), and the Trainer has one ``HeapTrim``."""
+    repo = Path(__file__).resolve().parents[1]
+    script = (
+        "import sys\n"
+        "from hones.run_defaults import HonesCLI\n"
+        "from lightning.pytorch.demos.boring_classes import BoringModel, BoringDataModule\n"
+        "cli = HonesCLI(BoringModel, BoringDataModule, args=['validate', '--trainer.logger', 'false',"
+        " '--trainer.limit_val_batches', '30', '--trainer.accelerator', 'cpu'])\n"
+        "heap = sum(type(c).__name__ == 'HeapTrim' for c in cli.trainer.callbacks)\n"
+        "print('bar:', type(cli.trainer.progress_bar_callback).__name__, 'heap:', heap)\n"
+    )
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        done = subprocess.run(
+            [sys.executable, "-c", script], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, timeout=120,
+            env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"},
+        )  # fmt: skip
+    text = log.read_text()
+    assert done.returncode == 0, text[-2000:]
+    assert "bar: TQDMProgressBar heap: 1" in text
+    assert f"{REFRESH_BATCHES}/30" in text.replace(" ", "")  # an intermediate refresh, not only the end
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim")
+def test_trim_heap_runs_on_linux() -> None:
+    assert trim_heap() is True
+
+
+def test_heap_trim_every_n_batches_in_every_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(hones.heap, "trim_heap", lambda: calls.append(1) or True)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[HeapTrim(every_n_batches=4)], max_epochs=1, limit_train_batches=9, limit_val_batches=8,
+        limit_predict_batches=12, num_sanity_val_steps=0,
+    )  # fmt: skip
+    model = BoringModel()
+    trainer.fit(model)
+    assert len(calls) == 2 + 2  # train batches 4 and 8, validation batches 4 and 8
+    trainer.predict(model, return_predictions=False)
+    assert len(calls) == 4 + 3
+    with pytest.raises(ValueError, match="every_n_batches must be >= 1"):
+        HeapTrim(every_n_batches=0)
+
+
+def test_default_callbacks_keep_the_users_own() -> None:
+    file = io.StringIO()
+    added = default_callbacks([], True)
+    assert sum(isinstance(c, HeapTrim) for c in added) == 1
+    own = HeapTrim(every_n_batches=1000)
+    assert not any(isinstance(c, HeapTrim) for c in default_callbacks([own], True))
+    assert log_progress_bar([], False, stream=file) == [] and not any(
+        isinstance(c, ProgressBar) for c in default_callbacks([], False)
+    )
