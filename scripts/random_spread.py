@@ -21,7 +21,9 @@ with the run's world settings (its first test images are the run's):
 
 The run's neurons stage must have run (``analyze.py neurons``) with the same settings
 (``--model_name``, ``--neurons.top_ratio``, ...). Nothing in the run's ``state.json`` or
-``masking.json`` changes.
+``masking.json`` changes. The pass is checkpointed every ``--checkpoint_every_n_batches``
+batches to ``<run>/<task>/partial/random_spread``: after an interruption, the same command
+goes on from there.
 """
 
 from __future__ import annotations

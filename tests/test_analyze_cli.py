@@ -321,6 +321,66 @@ def test_metric_states_round_trip_with_list_states(tmp_path: Path) -> None:
         restore_metric_states({"other": fresh()}, tensors, layout)
 
 
+def test_list_states_are_checkpointed_as_one_tensor_each(tmp_path: Path) -> None:
+    """NDCG's list states gain one element per batch; the checkpoint holds one tensor per state
+    whatever the number of batches, restores to the same metric, and the element-by-element
+    layout (files written before) and lists that cannot be concatenated still round-trip."""
+    from torchmetrics import Metric
+
+    from hones.attribution.checkpoint import read_metric_states, restore_metric_states, save_metric_states
+    from hones.metrics import build_metric
+
+    class Ragged(Metric):
+        """List states that stay element by element: "rows" differ past dim 0; "per_update"
+        is not reduced by "cat", so its elements may mean something one by one."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_state("rows", default=[], dist_reduce_fx="cat")
+            self.add_state("per_update", default=[], dist_reduce_fx=None)
+
+        def update(self, width: int) -> None:
+            self.rows.append(torch.full((2, width), float(width)))
+            self.per_update.append(torch.tensor([float(width), 1.0]))
+
+        def compute(self) -> torch.Tensor:
+            return torch.stack([row.sum() for row in self.rows]).sum() + len(self.per_update)
+
+    def fresh() -> torch.nn.ModuleDict:
+        return torch.nn.ModuleDict({"ndcg": build_metric("retrieval", "paper"), "ragged": Ragged()})
+
+    def feed(metrics: torch.nn.ModuleDict, batch: int) -> None:
+        generator = torch.Generator().manual_seed(batch)
+        metrics["ndcg"].update(torch.randn(6, generator=generator), torch.tensor([1, 0, 0, 1, 0, 0]), torch.tensor([2 * batch] * 3 + [2 * batch + 1] * 3))
+        metrics["ragged"].update(batch + 1)
+
+    original = fresh()
+    for batch in range(7):
+        feed(original, batch)
+    for concatenate in (True, False):
+        file = tmp_path / f"partial_{concatenate}.rank0.safetensors"
+        save_metric_states(file, {"m": original}, {"batches": 7}, concatenate_lists=concatenate)
+        tensors, layout, _ = read_metric_states(file)
+        ndcg_keys = sorted(key for key in tensors if key.startswith("m.ndcg/"))
+        if concatenate:
+            assert ndcg_keys == ["m.ndcg/groups", "m.ndcg/labels", "m.ndcg/scores"]
+            assert layout["m.ndcg"]["states"] == {"scores": "cat", "labels": "cat", "groups": "cat"}
+            assert tensors["m.ndcg/scores"].shape == (42,)
+        else:
+            assert len(ndcg_keys) == 3 * 7
+        assert layout["m.ragged"]["states"] == {"rows": 7, "per_update": 7}  # element by element in both layouts
+        restored = fresh()
+        restore_metric_states({"m": restored}, tensors, layout)
+        assert len(restored["ndcg"].scores) == (1 if concatenate else 7)
+        expected = fresh()
+        for batch in range(9):
+            feed(expected, batch)
+        for batch in (7, 8):  # the pass goes on after the resume
+            feed(restored, batch)
+        for name in ("ndcg", "ragged"):
+            assert float(restored[name].compute()) == float(expected[name].compute())
+
+
 def test_shipped_configs_parse() -> None:
     cli = load_cli()
     parser = cli.build_parser()
@@ -381,6 +441,42 @@ def test_random_spread_script(full_run: dict[str, Any], world: Path, model_dir: 
     capsys.readouterr()
     assert script.main([*args, "--draws", "2", "--test_world", str(other)]) == 2
     assert "generated with other settings than the run's world {'seed': (0, 1)}" in capsys.readouterr().err
+
+
+def test_script_pass_resumes_after_an_interruption(full_run: dict[str, Any], world: Path, model_dir: Path, tmp_path: Path) -> None:
+    """The scripts' masking pass (``TaskRun.mask_test_split``) is checkpointed like the stages':
+    interrupted after one batch, the same call goes on from there to the same results; other
+    banks start over."""
+    from hones.attribution.bank import read_bank
+    from hones.attribution.pipeline import finished_neurons_run, run_script_parser
+
+    out = tmp_path / "runs"
+    shutil.copytree(full_run["out"], out)
+    args = cli_args("all", world, model_dir, out, "--task", "ocr", "--checkpoint_every_n_batches", "1")[1:]
+    parser = run_script_parser("probe", "")
+
+    def masked(callbacks: list[L.Callback], draws: int = 2) -> dict[str, Any] | None:
+        run = finished_neurons_run(parser, parser.parse_args(args), "probe")
+        assert run is not None
+        run.extra_callbacks = callbacks
+        banks = {"hones": read_bank(run.run_dir / "bank_hones.json")}
+        banks.update(run.random_draws(banks["hones"], draws))
+        return run.mask_test_split(banks, "probe", "test")[0]
+
+    reference = masked([])
+    partial = out / "tiny" / "ocr" / "partial" / "probe.rank0.safetensors"
+    assert not partial.exists()  # removed once the pass is done
+    with pytest.raises(RuntimeError, match="interrupted probe after 1 batches"):
+        masked([Interrupt("probe", after=1)])
+    assert partial.is_file()
+    watcher = Interrupt("none", after=0)
+    assert masked([watcher]) == reference
+    assert watcher.resumed_from == {"probe": 1} and not partial.exists()
+    with pytest.raises(RuntimeError, match="interrupted probe"):
+        masked([Interrupt("probe", after=1)])
+    watcher = Interrupt("none", after=0)
+    masked([watcher], draws=3)  # other banks: the checkpoint is not theirs
+    assert watcher.resumed_from == {"probe": 0}
 
 
 def test_teacher_forced_masking_script(

@@ -43,6 +43,16 @@ def test_bench_gpu_7b_smoke() -> None:
     assert "heads (§2)" in out and "neurons (§3)" in out
 
 
+def test_checkpoint_cost_smoke() -> None:
+    """Both checkpoint layouts restore to equal metrics; the concatenated one holds 3 tensors per NDCG metric."""
+    out = run("benchmarks/checkpoint_cost.py", "--smoke")
+    rows = [line.split("|") for line in out.splitlines() if "|" in line and line.split("|")[0].strip().isdigit()]
+    assert [int(row[0]) for row in rows] == [5, 20]
+    assert [int(row[1].split()[-1]) for row in rows] == [3 * 3 * 5, 3 * 3 * 20]  # element by element: grows
+    assert [int(row[2].split()[-1]) for row in rows] == [3 * 3, 3 * 3]  # concatenated: 3 metrics x 3 states
+    assert "restored metrics equal the originals" in out
+
+
 def test_bench_attribution_refuses_cuda_without_a_gpu() -> None:
     import torch
 

@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
 
 from hones import io
 
@@ -49,12 +50,24 @@ def metric_modules(root: nn.Module, prefix: str = "") -> dict[str, Metric]:
     return found
 
 
-def collect_metric_states(roots: dict[str, nn.Module]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def collect_metric_states(
+    roots: dict[str, nn.Module], concatenate_lists: bool = True
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The states of every Metric under ``roots`` as flat tensors plus a JSON layout.
 
-    Returns ``(tensors, layout)``: tensor states under ``"<path>/<state>"``, list states
-    element by element under ``"<path>/<state>/<i>"``; ``layout`` maps each metric path to
-    ``{"update_count": n, "states": {state: "tensor" | number of list elements}}``.
+    Returns ``(tensors, layout)``: tensor states under ``"<path>/<state>"``; a list state
+    reduced by ``"cat"`` (``dist_reduce_fx="cat"``) whose elements share dtype and trailing
+    shape, concatenated along dim 0 under ``"<path>/<state>"`` and restored as a one-element
+    list (torchmetrics does the same to such states before it syncs them across processes,
+    so a metric must already accept it); any other list state element by element under
+    ``"<path>/<state>/<i>"``. ``layout`` maps each metric path to ``{"update_count": n,
+    "states": {state: "tensor" | "cat" | number of list elements}}``.
+
+    Concatenating matters for long passes: a list state (NDCG's candidates) gains one element
+    per batch, and writing those one by one made every checkpoint cost time proportional to
+    the batches so far (4 s at 3,000 batches; ``benchmarks/checkpoint_cost.py``).
+    ``concatenate_lists=False`` writes every list state element by element (the layout
+    before; kept for that benchmark).
     """
     tensors: dict[str, Tensor] = {}
     layout: dict[str, Any] = {}
@@ -67,13 +80,31 @@ def collect_metric_states(roots: dict[str, nn.Module]) -> tuple[dict[str, Tensor
                     tensors[f"{path}/{state}"] = value.detach().cpu().clone()
                     states[state] = "tensor"
                 elif isinstance(value, list):
-                    for k, element in enumerate(value):
-                        tensors[f"{path}/{state}/{k}"] = torch.as_tensor(element).detach().cpu().clone()
-                    states[state] = len(value)
+                    elements = [torch.as_tensor(element).detach() for element in value]
+                    if concatenate_lists and metric._reductions.get(state) is dim_zero_cat and _concatenable(elements):  # noqa: SLF001
+                        tensors[f"{path}/{state}"] = dim_zero_cat(elements).cpu()
+                        states[state] = "cat"
+                    else:
+                        for k, element in enumerate(elements):
+                            tensors[f"{path}/{state}/{k}"] = element.cpu().clone()
+                        states[state] = len(elements)
                 else:
                     raise TypeError(f"{path}.{state}: cannot checkpoint a {type(value).__name__} metric state")
             layout[path] = {"update_count": int(metric._update_count), "states": states}  # noqa: SLF001
     return tensors, layout
+
+
+def _concatenable(elements: list[Tensor]) -> bool:
+    """True when ``elements`` (at least one) share dtype, device and shape past dim 0 (0-d counts as ``[1]``,
+    as in ``dim_zero_cat``)."""
+    if not elements:
+        return False
+    first = elements[0]
+    tail = tuple(first.shape[1:]) if first.dim() else ()
+    return all(
+        e.dtype == first.dtype and e.device == first.device and (tuple(e.shape[1:]) if e.dim() else ()) == tail
+        for e in elements
+    )
 
 
 def restore_metric_states(roots: dict[str, nn.Module], tensors: dict[str, Tensor], layout: dict[str, Any]) -> None:
@@ -92,6 +123,8 @@ def restore_metric_states(roots: dict[str, nn.Module], tensors: dict[str, Tensor
                 if saved.shape != current.shape or saved.dtype != current.dtype:
                     raise ValueError(f"{path}.{state}: checkpoint {saved.dtype}{list(saved.shape)} != {current.dtype}{list(current.shape)}")
                 setattr(metric, state, saved.to(current.device))
+            elif kind == "cat":  # one element holding every row: what dim_zero_cat would give
+                setattr(metric, state, [tensors[f"{path}/{state}"].to(metric.device)])
             else:
                 device = metric.device
                 setattr(metric, state, [tensors[f"{path}/{state}/{k}"].to(device) for k in range(int(kind))])
@@ -99,9 +132,12 @@ def restore_metric_states(roots: dict[str, nn.Module], tensors: dict[str, Tensor
         metric._computed = None  # noqa: SLF001
 
 
-def save_metric_states(path: str | os.PathLike, roots: dict[str, nn.Module], metadata: dict[str, Any]) -> Path:
-    """Write the states of every Metric under ``roots`` and ``metadata`` (JSON-able) atomically."""
-    tensors, layout = collect_metric_states(roots)
+def save_metric_states(
+    path: str | os.PathLike, roots: dict[str, nn.Module], metadata: dict[str, Any], concatenate_lists: bool = True
+) -> Path:
+    """Write the states of every Metric under ``roots`` and ``metadata`` (JSON-able) atomically
+    (``concatenate_lists``: see ``collect_metric_states``)."""
+    tensors, layout = collect_metric_states(roots, concatenate_lists)
     meta = {key: json.dumps(value) for key, value in metadata.items()}
     meta[_LAYOUT_KEY] = json.dumps(layout)
     return io.save_tensors(path, tensors, meta)

@@ -266,7 +266,9 @@ class TaskRun:
         the masking callback's ``results`` (None on ranks other than 0) and the head of a
         summary JSON (task, metric, mode, split, item count, limit); ``label`` and ``what``
         make the one progress line on stderr. ``target_logprob``: the callback's teacher-forced
-        scores too.
+        scores too. Like the stages' passes, the pass is checkpointed every
+        ``checkpoint_every_n_batches`` batches to ``partial/<label>``: rerun the same command
+        after an interruption and it goes on from there (same banks, split and settings).
         """
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=r"predict returned None")
@@ -277,8 +279,14 @@ class TaskRun:
             banks=dict(banks), task=self.task, metric_mode=masking.metric_mode, max_new_tokens=masking.max_new_tokens,
             stages=("predict",), target_logprob=target_logprob,
         )  # fmt: skip
-        trainer = self.trainer([callback], logger=False)
-        trainer.predict(self.module, datamodule=datamodule, return_predictions=False)
+        fingerprint = {
+            **self.fingerprint("mask/hones"),  # model, data, discovery, neurons, test split, masking settings
+            "method": None,
+            "label": label,
+            "banks": {name: [[entry.layer, entry.neuron] for entry in entries] for name, entries in banks.items()},
+            "target_logprob": target_logprob,
+        }
+        trainer = self.run_pass(callback, datamodule, label, fingerprint, logger=False)
         if not trainer.is_global_zero:
             return None, {}
         head = {
@@ -305,12 +313,12 @@ class TaskRun:
             enable_checkpointing=False,
         )
 
-    def run_pass(self, callback: Any, datamodule: Any, stage: str, fingerprint: dict[str, Any]) -> L.Trainer:
-        """One ``trainer.predict`` pass with ``callback`` and its mid-split checkpoint."""
+    def run_pass(self, callback: Any, datamodule: Any, stage: str, fingerprint: dict[str, Any], logger: Any = None) -> L.Trainer:
+        """One ``trainer.predict`` pass with ``callback`` and its mid-split checkpoint (``logger``: see ``trainer``)."""
         checkpoint = AccumulatorCheckpoint(
             callback, self.partial_dir / stage.replace("/", "_"), self.config.checkpoint_every_n_batches, fingerprint
         )
-        trainer = self.trainer([callback, checkpoint])
+        trainer = self.trainer([callback, checkpoint], logger=logger)
         trainer.predict(self.module, datamodule=datamodule, return_predictions=False)
         barrier()
         if is_global_zero():
