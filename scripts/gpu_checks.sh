@@ -16,7 +16,18 @@
 #   d. benchmarks/bench_gpu_7b.py: random-weight LLaVA-1.5-7B and Qwen2.5-VL-7B in bf16,
 #      prefill at batch 1 and 8 (3 timed iterations), attribution rows on 8 items
 #      (2 for the straightforward loop): trimmed from its ~5-10 min defaults   (<= 180 s)
-# Worst case (every step at its timeout) just under 10 minutes; about 5 on one H200 (2026-11-27).
+#   e. (STEPS=e2e) the user's commands on the GPU, on the embedded default (generated first if absent):
+#      bench_7b_b32: step d at batch 32, prefill only                    (<= 75 s; 36 s on one H200)
+#      steer_bf16:   train.py fit, toy-llava vqa, precision bf16-true with bf16 weights (the 7B
+#                    steering configs' settings), the bank at runs/analyze/toy-llava/vqa
+#                    (carry it to a bare machine)                         (<= 75 s; 39 s)
+#      analyze_toy:  analyze.py all --config configs/analyze/toy_llava.yaml on the GPU (fp32;
+#                    the README's main job)                               (<= 300 s; > 200 s)
+#      pytest_gpu's limit is 60 s here (30 s on one H200). The run folders are packed into
+#      $OUT_DIR/e2e_runs.tar.gz; compare them with a CPU run by scripts/compare_runs.py.
+# Worst case (every step at its timeout) just under 10 minutes for either set; the default set
+# took about 5 on one H200 (2026-11-27).
+#   STEPS=e2e bash scripts/gpu_checks.sh   # a, b, then e instead of c and d
 # The Python must have a CUDA build of torch (the CPU-only venv fails step a's torch check).
 # On a bare GPU machine whose python3 already holds torch, lightning and transformers:
 #   PYTHON=python3 PYTHONPATH=$PWD bash scripts/gpu_checks.sh
@@ -54,7 +65,22 @@ step nvidia_smi 20 nvidia-smi --query-gpu=name,memory.total,driver_version,utili
 step torch_cuda 45 "$PY" -c 'import torch; assert torch.cuda.is_available(), f"torch {torch.__version__}: no CUDA"; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")'
 
 # b. GPU-marked tests (tests/test_gpu.py): callbacks on cuda = CPU, DDP over NCCL, bf16-mixed steering
-step pytest_gpu 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+step pytest_gpu "$([ "${STEPS:-default}" = e2e ] && echo 60 || echo 90)" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+
+if [ "${STEPS:-default}" = "e2e" ]; then
+    RUNS=$(mktemp -d)
+    [ -e toyworld_data/toyworld.json ] || "$PY" -m hones.data.toyworld --out toyworld_data | tee -a "$SUMMARY"
+    step bench_7b_b32 75 "$PY" benchmarks/bench_gpu_7b.py --arch both --batch-sizes 32 --iterations 3 --attr-items 0
+    step steer_bf16 75 "$PY" train.py fit --config configs/steering/toy_llava_vqa.yaml \
+        --trainer.accelerator gpu --trainer.precision bf16-true --model.dtype bf16 \
+        --model.output_dir "$RUNS/steering/toy-llava/vqa" --trainer.logger.init_args.save_dir "$RUNS/steering/toy-llava/vqa"
+    step analyze_toy 300 "$PY" analyze.py all --config configs/analyze/toy_llava.yaml \
+        --trainer.accelerator gpu --output_root "$RUNS/analyze"
+    tar -czf "$OUT_DIR/e2e_runs.tar.gz" -C "$RUNS" .
+    echo "== summary ($SUMMARY)"
+    cat "$SUMMARY"
+    exit "$failed"
+fi
 
 # c. optimised vs straightforward attribution on the GPU (toy model), counted FLOPs, memory rows
 step bench_attribution 140 "$PY" benchmarks/bench_attribution.py --device cuda --items 64 --metric-items 8 --memory-items 200 2000
