@@ -70,10 +70,11 @@ def bank_difference(a: list[BankEntry], b: list[BankEntry]) -> tuple[str, bool]:
     ka, kb = [(e.layer, e.neuron) for e in a], [(e.layer, e.neuron) for e in b]
     if ka == kb:
         return "same neurons, same order", True
-    if set(ka) == set(kb):
+    set_a, set_b = set(ka), set(kb)
+    if set_a == set_b:
         return "same neurons, another order", True
-    only_a = [e for e in a if (e.layer, e.neuron) not in set(kb)]
-    only_b = [e for e in b if (e.layer, e.neuron) not in set(ka)]
+    only_a = [e for e, key in zip(a, ka) if key not in set_b]
+    only_b = [e for e, key in zip(b, kb) if key not in set_a]
     last_a = a[-1].score if a else math.nan
 
     def show(entries: list[BankEntry]) -> str:

@@ -77,17 +77,14 @@ if [ "${STEPS:-default}" = "e2e" ]; then
     step analyze_toy 300 "$PY" analyze.py all --config configs/analyze/toy_llava.yaml \
         --trainer.accelerator gpu --output_root "$RUNS/analyze"
     tar -czf "$OUT_DIR/e2e_runs.tar.gz" -C "$RUNS" .
-    echo "== summary ($SUMMARY)"
-    cat "$SUMMARY"
-    exit "$failed"
+else
+    # c. optimised vs straightforward attribution on the GPU (toy model), counted FLOPs, memory rows
+    step bench_attribution 140 "$PY" benchmarks/bench_attribution.py --device cuda --items 64 --metric-items 8 --memory-items 200 2000
+    step bench_attribution_qwen 120 "$PY" benchmarks/bench_attribution.py --device cuda --model models/toy-qwen2_5_vl --items 64 --metric-items 8 --memory-items 200 2000
+
+    # d. 7B shapes in bf16 (random weights, built on the GPU; no download)
+    step bench_gpu_7b 180 "$PY" benchmarks/bench_gpu_7b.py --arch both --batch-sizes 1 8 --iterations 3 --attr-items 8 --plain-items 2
 fi
-
-# c. optimised vs straightforward attribution on the GPU (toy model), counted FLOPs, memory rows
-step bench_attribution 140 "$PY" benchmarks/bench_attribution.py --device cuda --items 64 --metric-items 8 --memory-items 200 2000
-step bench_attribution_qwen 120 "$PY" benchmarks/bench_attribution.py --device cuda --model models/toy-qwen2_5_vl --items 64 --metric-items 8 --memory-items 200 2000
-
-# d. 7B shapes in bf16 (random weights, built on the GPU; no download)
-step bench_gpu_7b 180 "$PY" benchmarks/bench_gpu_7b.py --arch both --batch-sizes 1 8 --iterations 3 --attr-items 8 --plain-items 2
 
 echo "== summary ($SUMMARY)"
 cat "$SUMMARY"
