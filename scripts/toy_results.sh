@@ -94,9 +94,12 @@ for extra in "" "${five[*]}"; do
       --test_world runs/toyworld_test3000
   done
 done
-# retrieval on a seeded sample of 1000 of those images (50,000 candidates; about an hour per model on one core), 1% only
-"$py" scripts/random_spread.py --config "configs/analyze/toy_$model.yaml" --task retrieval --draws 8 \
-  --test_world runs/toyworld_test3000 --test.limit 1000
+# retrieval on a seeded sample of 1000 of those images (50,000 candidates; 35-60 min per model and budget on one core)
+for extra in "" "${five[*]}"; do
+  # shellcheck disable=SC2086
+  "$py" scripts/random_spread.py --config "configs/analyze/toy_$model.yaml" $extra --task retrieval --draws 8 \
+    --test_world runs/toyworld_test3000 --test.limit 1000
+done
 # 14. Base, RandNeuron and HONES steering (the 14-neuron banks, the same 200 dev images, so the same
 # learned scales) tested on 3000 test images (retrieval: a seeded sample of 1000, 50 candidates each); no OOD
 "$py" -m hones.data.toyworld --out runs/toyworld_dev200_test3000 --n-train 0 --n-dev 200 --n-test 3000 --n-ood 10 --if-missing
