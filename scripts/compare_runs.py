@@ -150,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         if task not in found_a or task not in found_b:
             parser.error(f"task {task}: no folder {args.run_a / task if task not in found_a else args.run_b / task}")
         print(f"{task}:")
-        ok &= compare_task(args.run_a / task, args.run_b / task, args.rtol)
+        try:
+            ok &= compare_task(args.run_a / task, args.run_b / task, args.rtol)
+        except ValueError as error:  # malformed heads.json / bank / JSON: the message names the file
+            parser.exit(2, f"compare_runs.py: {error}\n")
     print(f"verdict: {'agree' if ok else 'DIFFER'} (H*, bank sets, matrices within relative {args.rtol:g})")
     return 1 if (args.check and not ok) else 0
 

@@ -58,3 +58,14 @@ def test_missing_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureF
     with pytest.raises(SystemExit):
         compare_runs.main([str(a), str(tmp_path / "nowhere")])
     assert "nowhere: not a folder" in capsys.readouterr().err
+
+
+def test_malformed_file_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = write_run(tmp_path / "a", torch.ones(2, 4), [(0, 0, 1.0)], 0.6)
+    b = write_run(tmp_path / "b", torch.ones(2, 4), [(0, 0, 1.0)], 0.6)
+    (b / "vqa" / "bank_hones.json").write_text('[{"layer": 0}]')
+    with pytest.raises(SystemExit) as exited:
+        compare_runs.main([str(a), str(b)])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "bank_hones.json" in err and "'neuron'" in err
