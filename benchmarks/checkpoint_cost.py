@@ -9,9 +9,11 @@ mask stage (base and 8 methods), 11 in a ``scripts/random_spread.py`` pass with 
 HONES, the seeded random bank, 8 draws; the default here). Each metric's candidates are list
 states that gain one element per batch, and ``AccumulatorCheckpoint`` writes every metric
 state every ``checkpoint_every_n_batches`` batches (10 in the toy configs). This script feeds
-synthetic batches and, after ``--at`` batches, times ``save_metric_states`` with the list
-states written element by element (the layout before) and concatenated into one tensor per
-state (the layout now): the median of ``--repeats`` writes, the file size and the number of
+synthetic batches into metrics that keep one tensor per batch (``merge_after=None``; NDCG
+now merges its lists every 64 batches by default, which also bounds the first layout) and,
+after ``--at`` batches, times ``save_metric_states`` with the list states written element
+by element (the layout before) and concatenated into one tensor per state (the layout
+now): the median of ``--repeats`` writes, the file size and the number of
 tensors in it. It also checks that both files restore to metrics whose ``compute()`` equals
 the original's, and after one more batch still does.
 """
@@ -81,7 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
 
     def make() -> nn.Module:
-        return build_metric("retrieval", "paper")
+        # Unmerged per-batch lists, as before NDCG merged them every 64 batches (its
+        # ``merge_after``): the worst case for the element-by-element layout.
+        return build_metric("retrieval", "paper", merge_after=None)
 
     metrics = nn.ModuleDict({f"selection{i}": make() for i in range(args.metrics)})
     generator = torch.Generator().manual_seed(0)

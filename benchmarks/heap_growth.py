@@ -28,12 +28,10 @@ sys.path.insert(0, str(REPO))
 
 
 def rss_mb() -> int:
-    """This process's resident memory in MiB (Linux ``/proc``)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) // 1024
-    raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
+    """This process's resident memory in whole MiB."""
+    from hones.heap import resident_mib
+
+    return int(resident_mib())
 
 
 def worker(config: str, images: int, draws: int, trim: bool, every: int) -> None:

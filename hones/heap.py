@@ -38,6 +38,15 @@ def _glibc_malloc_trim() -> Any:
 _MALLOC_TRIM = _glibc_malloc_trim()
 
 
+def resident_mib() -> float:
+    """This process's resident memory (RSS) in MiB, from ``/proc`` (Linux only)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
+
+
 def trim_heap() -> bool:
     """Return the heap's free pages to the OS; False where glibc's ``malloc_trim`` is missing."""
     if _MALLOC_TRIM is None:

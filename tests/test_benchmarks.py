@@ -53,6 +53,15 @@ def test_checkpoint_cost_smoke() -> None:
     assert "restored metrics equal the originals" in out
 
 
+def test_metric_state_memory_smoke() -> None:
+    """Merged states hold fewer tensors than one per batch and compute the same NDCG@5."""
+    out = run("benchmarks/metric_state_memory.py", "--smoke")
+    held = [int(line.split(",")[-1].split()[0]) for line in out.splitlines() if "tensors held" in line]
+    assert held[:2] == [2 * 3 * 100, 2 * 3 * 200]  # one tensor per batch: grows
+    assert all(count < 2 * 3 * 64 for count in held[2:]) and len(held) == 4  # merged every 64 batches
+    assert "same NDCG@5 in both settings: True" in out
+
+
 def test_bench_attribution_refuses_cuda_without_a_gpu() -> None:
     import torch
 

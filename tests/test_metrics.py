@@ -506,6 +506,30 @@ def test_ndcg_matches_torchmetrics_with_ties() -> None:
     assert ours.compute().item() == pytest.approx(ref.compute().item(), abs=1e-6)
 
 
+def test_ndcg_merges_per_batch_states() -> None:
+    """Many small updates keep each state's list short (one tensor per batch would cost
+    ~2 KB of memory each) and give the value of one update with everything."""
+    gen = torch.Generator().manual_seed(1)
+    groups = torch.arange(100).repeat_interleave(10)
+    scores = torch.rand(1000, generator=gen)
+    labels = (torch.rand(1000, generator=gen) < 0.2).long()
+    whole = NDCG(k=5)
+    whole.update(scores, labels, groups)
+    batched = NDCG(k=5)
+    for start in range(0, 1000, 4):  # 250 updates
+        batched.update(scores[start : start + 4], labels[start : start + 4], groups[start : start + 4])
+    for name in ("scores", "labels", "groups"):
+        assert len(getattr(batched, name)) < batched.merge_after
+        assert torch.equal(torch.cat(getattr(batched, name)), torch.cat(getattr(whole, name)))
+    assert batched.compute().item() == whole.compute().item()
+    unmerged = NDCG(k=5, merge_after=None)
+    for start in range(0, 1000, 4):
+        unmerged.update(scores[start : start + 4], labels[start : start + 4], groups[start : start + 4])
+    assert len(unmerged.scores) == 250 and unmerged.compute().item() == whole.compute().item()
+    with pytest.raises(ValueError, match="merge_after"):
+        NDCG(merge_after=0)
+
+
 def test_ndcg_input_checks_and_group_ids() -> None:
     metric = NDCG()
     with pytest.raises(TypeError, match="integer"):
