@@ -18,6 +18,7 @@ import sys
 import warnings
 
 from hones.attribution.bank import BankError
+from hones.attribution.run_state import AnalysisError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +32,10 @@ def main(argv: list[str] | None = None) -> None:
         if args and args[0] == "compare":
             from hones.steering.compare import main as compare_main
 
-            compare_main(args[1:])
+            try:
+                compare_main(args[1:])
+            except AnalysisError as error:  # a finished method computed with other settings
+                sys.exit(f"train.py compare: {error}")
             return
         from hones.data.datamodule import HonesDataModule
         from hones.steering.cli import SteeringCLI

@@ -6,6 +6,7 @@ test that freezes weights or registers hooks restores the model afterwards (``st
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -439,6 +440,54 @@ def test_compare_writes_the_method_table(toy_run: dict[str, Path]) -> None:
     hones = load_scales(out / "hones" / "scales.json")
     assert {l: len(v) for l, v in rand.neurons.items()} == {l: len(v) for l, v in hones.neurons.items()}
     assert any(not torch.equal(rand.indices(l), hones.indices(l)) for l in hones.layers)
+
+
+@pytest.mark.slow
+def test_compare_resumes_finished_methods(toy_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A rerun skips the methods state.json records as finished, recomputes an unfinished one to
+    the same row, stops on a finished method whose settings changed, and --compare.overwrite
+    recomputes."""
+    from hones.attribution.run_state import AnalysisError
+    from hones.steering.compare import run_comparison
+
+    model, processor = build_tiny_llava(seed=0)
+    out = tmp_path / "compare"
+    args = ["--config", str(toy_run["config"]), *FAST_TRAINER, "--compare.output_dir", str(out), "--compare.methods", "[base, hones]"]
+
+    def no_model() -> VLMAdapter:
+        raise AssertionError("the model was loaded although every method had finished")
+
+    first = run_comparison(args, adapter_factory=lambda: wrap_model(model, processor))
+    assert run_comparison(args, adapter_factory=no_model) == first
+    assert capsys.readouterr().out.count("already finished") == 2
+
+    state = json.loads((out / "state.json").read_text())
+    assert set(state["stages"]) == {"method/base", "method/hones"}
+    del state["stages"]["method/hones"]  # as if stopped while training hones
+    (out / "state.json").write_text(json.dumps(state))
+    scales = (out / "hones" / "scales.safetensors").read_bytes()
+    (out / "hones" / "scales.safetensors").unlink()
+    logs = sorted((out / "tb" / "hones").glob("events.*"))
+    resumed = run_comparison(args, adapter_factory=lambda: wrap_model(model, processor))
+    assert capsys.readouterr().out.count("already finished") == 1
+    assert resumed == first and (out / "hones" / "scales.safetensors").read_bytes() == scales  # seeded: the same row
+    assert sorted((out / "tb" / "hones").glob("events.*")) != logs  # the earlier attempt's logs are gone,
+    assert len(list((out / "tb" / "hones").glob("events.*"))) == len(logs)  # not added to
+
+    with pytest.raises(AnalysisError, match=r"'method/base' was computed with other settings \(model.beta: 0.05 -> 0.1\).*--compare.overwrite true"):
+        run_comparison([*args, "--model.beta", "0.1"], adapter_factory=no_model)
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "compare", *args, "--model.beta", "0.1"]
+    refused = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"train.py compare: {out / 'state.json'}: stage 'method/base'") and "model.beta: 0.05 -> 0.1" in last
+    run_comparison([*args, "--model.beta", "0.1", "--compare.overwrite", "true", "--compare.methods", "[base]"],
+                   adapter_factory=lambda: wrap_model(model, processor))  # fmt: skip
+    fingerprint = json.loads((out / "state.json").read_text())["stages"]["method/base"]["fingerprint"]
+    assert fingerprint["model"]["beta"] == 0.1
 
 
 @pytest.mark.slow

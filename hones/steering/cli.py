@@ -47,6 +47,9 @@ class CompareSettings:
         test_limit: at most this many test records (None: all).
         ood: ``HonesDataModule`` arguments of the task's OOD set (``dataset``,
             ``annotation_file``, ``image_root``, ``limit``, ...); None skips OOD.
+        overwrite: recompute the listed methods even where ``<output_dir>/state.json``
+            records them as finished (otherwise they are skipped, and a finished method
+            whose settings changed since is an error).
     """
 
     output_dir: str = "runs/steering/compare"
@@ -57,6 +60,7 @@ class CompareSettings:
     test_split_file: str | None = None
     test_limit: int | None = None
     ood: dict[str, Any] | None = None
+    overwrite: bool = False
 
 
 class SteeringCLI(HonesCLI):

@@ -17,10 +17,20 @@ caption and retrieval) and the output folder. Per method (``hones.steering.metho
 Writes ``<output_dir>/summary.json`` and ``summary.md`` (one row per method: test and OOD
 metric), and per method ``<output_dir>/<method>/`` (metrics, predictions, scales) and
 TensorBoard logs under ``<output_dir>/tb/<method>``. The model is loaded once and shared.
+
+Resuming: each method's row is recorded in ``<output_dir>/state.json`` as soon as it is
+finished, with the settings it depends on (``method_fingerprint``). Rerunning the same
+command skips the finished methods and runs the rest; a method interrupted midway starts
+over. A finished method whose settings have changed since stops the run with one line
+naming them; ``--compare.overwrite true`` recomputes the listed methods instead.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -28,8 +38,11 @@ from typing import Any, Callable
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from hones import io
+from hones.attribution.run_state import AnalysisError, RunState
+from hones.attribution.settings import model_identity
 from hones.data.datamodule import HonesDataModule
 from hones.run_defaults import default_callbacks
 from hones.steering.cli import ConfigReader, read_config
@@ -38,6 +51,11 @@ from hones.steering.module import SteeringModule
 
 # HonesDataModule arguments an OOD set inherits from the in-distribution data config.
 _SHARED_DATA_KEYS = ("batch_size", "num_workers", "seed", "n_neg", "lenient", "verify_images")
+# Settings a method's row does not depend on (left out of its fingerprint).
+_UNUSED_MODEL_KEYS = ("output_dir",)
+_UNUSED_DATA_KEYS = ("num_workers",)
+_UNUSED_TRAINER_KEYS = ("logger", "enable_progress_bar", "enable_model_summary", "log_every_n_steps", "default_root_dir", "enable_checkpointing")
+_UNUSED_COMPARE_KEYS = ("output_dir", "methods", "overwrite")
 
 
 class SharedAdapter:
@@ -57,6 +75,19 @@ def _plain(namespace: Any) -> dict[str, Any]:
     return namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace)
 
 
+def _jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data (paths and other objects as strings)."""
+    return json.loads(json.dumps(value, default=str, sort_keys=True))
+
+
+def file_digest(path: str | None) -> str | None:
+    """SHA-256 of a file's bytes (None when there is no such file)."""
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
 class Comparison:
     """Runs the methods of one parsed steering config (see the module docstring)."""
 
@@ -72,6 +103,28 @@ class Comparison:
         self.output_dir = Path(self.settings["output_dir"])
         self.adapter = SharedAdapter(adapter_factory or self._load_adapter)
         self.seed = self.config.get("seed_everything")
+        self.state = RunState(
+            self.output_dir / "state.json", model_name=str(self.model_args["model"]), task=str(self.model_args["task"]),
+            overwrite_flag="--compare.overwrite true",
+        )
+
+    def method_fingerprint(self, name: str) -> dict[str, Any]:
+        """The settings a method's row depends on (JSON data): model (with a digest of a
+        local model folder) and bank file contents, data, trainer, comparison settings, seed."""
+        model = {k: v for k, v in self.model_args.items() if k not in _UNUSED_MODEL_KEYS}
+        trainer = {k: v for k, v in _plain(self.config.trainer).items() if k not in _UNUSED_TRAINER_KEYS}
+        return _jsonable(
+            {
+                "method": name,
+                "model": model,
+                "model_identity": model_identity(str(self.model_args["model"])),
+                "bank_digest": file_digest(self.model_args.get("bank")),
+                "data": {k: v for k, v in self.data_args.items() if k not in _UNUSED_DATA_KEYS},
+                "trainer": trainer,
+                "compare": {k: v for k, v in self.settings.items() if k not in _UNUSED_COMPARE_KEYS},
+                "seed": self.seed,
+            }
+        )
 
     # -- building blocks ------------------------------------------------------------------
     def _load_adapter(self) -> Any:
@@ -116,6 +169,15 @@ class Comparison:
         if isinstance(self.seed, int) and not isinstance(self.seed, bool):
             L.seed_everything(self.seed, workers=True, verbose=False)
 
+    def _clear_logs(self, name: str) -> None:
+        """Remove the TensorBoard logs of an earlier, unfinished (or overwritten) attempt at a method,
+        so that a rerun's curves do not continue the old ones (rank 0; ``tb/<name>``, ``tb/<name>_x*``)."""
+        if int(getattr(rank_zero_only, "rank", 0)) != 0:
+            return
+        tb = self.output_dir / "tb"
+        for folder in [tb / name, *tb.glob(f"{name}_x*")]:
+            shutil.rmtree(folder, ignore_errors=True)
+
     # -- the run ---------------------------------------------------------------------------
     def grid_search(self, method: SteeringMethod, dev: HonesDataModule) -> tuple[float, dict[float, float]]:
         """Evaluate every uniform factor on dev; the best (ties: closest to 1) and all scores."""
@@ -138,10 +200,19 @@ class Comparison:
         )
         ood = self.ood_datamodule()
 
+        stages = {name: f"method/{name}" for name in settings["methods"]}
+        if settings.get("overwrite"):
+            self.state.forget(stages.values())
         rows = []
         is_zero = True
         for name in settings["methods"]:
             method = get_method(name)
+            fingerprint = self.method_fingerprint(name)
+            if self.state.is_done(stages[name], fingerprint):
+                print(f"compare: {name} already finished ({self.state.path}); skipped", flush=True)
+                rows.append(self.state.record(stages[name])["info"])
+                continue
+            self._clear_logs(name)
             row: dict[str, Any] = {"method": name, "label": method.label, "trained": method.train}
             overrides: dict[str, Any] = {}
             if method.grid:
@@ -165,6 +236,9 @@ class Comparison:
                 row["ood"] = module.results["metric"]
             is_zero = evaluator.is_global_zero
             rows.append(row)
+            self.state.mark_done(stages[name], fingerprint, row)
+            if is_zero:
+                self.state.save()
 
         summary = {
             "task": self.model_args["task"],
@@ -213,5 +287,5 @@ if __name__ == "__main__":
 
     try:
         main()
-    except BankError as error:
+    except (BankError, AnalysisError) as error:
         sys.exit(f"hones.steering.compare: {error}")
