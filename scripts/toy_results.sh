@@ -15,7 +15,8 @@
 # 14. the steering comparison (Base, RandNeuron, HONES) tested on that split (retrieval: 1000 images),
 # 15. the one-off checks: image reliance, 20%-bank steering on VQA, and for llava the paper's metric
 #     utility for the heads stage at 5% and the OCR placement probe.
-# The analyze.py stages resume or skip finished work when rerun (OVERWRITE=1 recomputes them); the other steps rerun.
+# The analyze.py stages and the train.py compare methods resume or skip finished work when rerun
+# (OVERWRITE=1 recomputes them); the other steps rerun.
 set -euo pipefail
 model="${1:?usage: bash scripts/toy_results.sh llava|qwen2_5_vl}"
 case "$model" in llava|qwen2_5_vl) ;; *) echo "unknown model '$model' (llava or qwen2_5_vl)" >&2; exit 2;; esac
@@ -27,14 +28,14 @@ cd "$(dirname "$0")/.."
 "$py" analyze.py table --runs "runs/analyze/toy-$model"
 "$py" -m hones.analysis.run --config "configs/analysis/toy_$model.yaml"
 for task in vqa ocr caption retrieval; do
-  "$py" train.py compare --config "configs/steering/toy_${model}_${task}.yaml"
+  "$py" train.py compare --config "configs/steering/toy_${model}_${task}.yaml" --compare.overwrite "$overwrite"
 done
 # 5% budget: same heads, 70 neurons per selection; every baseline, AP / MA / APE included
 five=(--model_name "toy-$model-5pct" --neurons.top_ratio 0.05)
 "$py" analyze.py all --config "configs/analyze/toy_$model.yaml" "${five[@]}" --overwrite "$overwrite"
 "$py" analyze.py table --runs "runs/analyze/toy-$model-5pct"
 for task in vqa ocr caption retrieval; do
-  "$py" train.py compare --config "configs/steering/toy_${model}_${task}.yaml" \
+  "$py" train.py compare --config "configs/steering/toy_${model}_${task}.yaml" --compare.overwrite "$overwrite" \
     --model.bank "runs/analyze/toy-$model-5pct/$task/bank_hones.json" \
     --model.output_dir "runs/steering/toy-$model-5pct/$task" --compare.output_dir "runs/steering/toy-$model-5pct/$task/compare"
 done
@@ -54,7 +55,7 @@ done
 # 9. steering with every neuron's scale free (Base and HONES only): the §5 objective when the bank is not the limit
 "$py" scripts/every_neuron_bank.py --model "models/toy-$model" --out "runs/steering/toy-$model-all/bank_all.json"
 for task in vqa ocr caption retrieval; do
-  "$py" train.py compare --config "configs/steering/toy_${model}_${task}.yaml" \
+  "$py" train.py compare --config "configs/steering/toy_${model}_${task}.yaml" --compare.overwrite "$overwrite" \
     --model.bank "runs/steering/toy-$model-all/bank_all.json" --compare.methods "[base, hones]" \
     --model.output_dir "runs/steering/toy-$model-all/$task" --compare.output_dir "runs/steering/toy-$model-all/$task/compare"
 done
@@ -63,7 +64,7 @@ done
 "$py" -m hones.data.toyworld --out runs/toyworld_dev2000 --n-train 0 --n-dev 2000 --if-missing
 W=runs/toyworld_dev2000
 for task in vqa ocr caption retrieval; do
-  "$py" train.py compare --config "configs/steering/toy_${model}_${task}.yaml" \
+  "$py" train.py compare --config "configs/steering/toy_${model}_${task}.yaml" --compare.overwrite "$overwrite" \
     --data.annotation_file "$W/coco/unified.json" --data.image_root "$W/coco/images" --data.split_file "$W/splits/dev.json" \
     --compare.test_split_file "$W/splits/test.json" --compare.methods "[base, hones]" \
     --model.output_dir "runs/steering/toy-$model-dev2000/$task" --compare.output_dir "runs/steering/toy-$model-dev2000/$task/compare"
@@ -107,7 +108,7 @@ W=runs/toyworld_dev200_test3000
 for task in vqa ocr caption retrieval; do
   limit=$([ "$task" = retrieval ] && echo "--compare.test_limit 1000" || true)
   # shellcheck disable=SC2086
-  "$py" train.py compare --config "configs/steering/toy_${model}_${task}.yaml" \
+  "$py" train.py compare --config "configs/steering/toy_${model}_${task}.yaml" --compare.overwrite "$overwrite" \
     --data.annotation_file "$W/coco/unified.json" --data.image_root "$W/coco/images" --data.split_file "$W/splits/dev.json" \
     --compare.test_split_file "$W/splits/test.json" $limit --compare.methods "[base, rand_neuron, hones]" --compare.ood null \
     --model.output_dir "runs/steering/toy-$model-test3000/$task" --compare.output_dir "runs/steering/toy-$model-test3000/$task/compare"
@@ -115,7 +116,7 @@ done
 # 15. one-off checks quoted in the README: does the model use its images (right vs shifted images),
 # steering VQA with the 20% bank (282 neurons; Base and HONES)
 "$py" scripts/image_reliance.py "models/toy-$model"
-"$py" train.py compare --config "configs/steering/toy_${model}_vqa.yaml" \
+"$py" train.py compare --config "configs/steering/toy_${model}_vqa.yaml" --compare.overwrite "$overwrite" \
   --model.bank "runs/analyze/toy-$model-20pct/vqa/bank_hones.json" --compare.methods "[base, hones]" \
   --model.output_dir "runs/steering/toy-$model-20pct/vqa" --compare.output_dir "runs/steering/toy-$model-20pct/vqa/compare"
 if [ "$model" = llava ]; then
