@@ -58,6 +58,14 @@ class MyVLM(L.LightningModule):
             self.adapter = wrap_model(model, AutoProcessor.from_pretrained(self.model_path))
             self.vlm = model  # a submodule, so that Lightning moves it to the device
 
+    def train(self, mode: bool = True) -> MyVLM:
+        """Lightning puts the module in training mode for fit; the frozen VLM stays in eval mode
+        (no dropout: §5's teacher is the same model with the scaling off)."""
+        super().train(mode)
+        if self.adapter is not None:
+            self.adapter.model.eval()
+        return self
+
     # Your own evaluation steps would go here; the callbacks do their work in the batch-end hooks.
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         return None
@@ -126,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     results = masking.results
     print(f"{results['metric']} on {args.limit} test images, unmasked: {results['base']:.4f}")
     for name, row in results["banks"].items():
-        print(f"  masked {name:>10}: {row['masked']:.4f} (relative drop {row['relative_drop']:.2f}%)")
+        drop = "n/a (unmasked metric is 0)" if row["relative_drop"] is None else f"{row['relative_drop']:.2f}%"
+        print(f"  masked {name:>10}: {row['masked']:.4f} (relative drop {drop})")
 
     # §5: the callback attaches the scales to the module; MyVLM.training_step uses its objective
     module.steering = NeuronSteeringCallback(bank_to_layer_dict(neurons.bank), export_dir=out / "scales")

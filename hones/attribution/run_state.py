@@ -49,9 +49,15 @@ def downstream(stage: str) -> list[str]:
 class RunState:
     """The ``state.json`` of one run folder (``<output_root>/<model>/<task>/``)."""
 
-    def __init__(self, path: str | os.PathLike, model_name: str = "", task: str = "", overwrite_flag: str = "--overwrite") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        model_name: str = "",
+        task: str = "",
+        remedy: str = "rerun with --overwrite to recompute it and everything that depends on it",
+    ) -> None:
         self.path = Path(path)
-        self.overwrite_flag = overwrite_flag  # named in the mismatch message
+        self.remedy = remedy  # the end of the mismatch message
         self.data: dict[str, Any] = {"version": STATE_VERSION, "model_name": model_name, "task": task, "config": {}, "stages": {}}
         if self.path.is_file():
             remedy = "remove it (or the run folder) to recompute the run's stages"
@@ -82,8 +88,7 @@ class RunState:
             shown = "; ".join(differences[:6]) + (f"; ... ({len(differences)} in all)" if len(differences) > 6 else "")
             raise StageMismatchError(
                 f"{self.path}: stage {stage!r} was computed with other settings ({shown}). "
-                f"Restore those settings to reuse it, or rerun with {self.overwrite_flag} to recompute it "
-                "and everything that depends on it."
+                f"Restore those settings to reuse it, or {self.remedy}."
             )
         return True
 

@@ -51,11 +51,22 @@ from hones.steering.module import SteeringModule
 
 # HonesDataModule arguments an OOD set inherits from the in-distribution data config.
 _SHARED_DATA_KEYS = ("batch_size", "num_workers", "seed", "n_neg", "lenient", "verify_images")
-# Settings a method's row does not depend on (left out of its fingerprint).
-_UNUSED_MODEL_KEYS = ("output_dir",)
+# Settings no method's row depends on (left out of every fingerprint) ...
+_UNUSED_MODEL_KEYS = ("output_dir", "stats_threshold")
 _UNUSED_DATA_KEYS = ("num_workers",)
 _UNUSED_TRAINER_KEYS = ("logger", "enable_progress_bar", "enable_model_summary", "log_every_n_steps", "default_root_dir", "enable_checkpointing")
 _UNUSED_COMPARE_KEYS = ("output_dir", "methods", "overwrite")
+# ... settings only the trained methods use ...
+_TRAINING_MODEL_KEYS = ("beta", "l2_weight", "lr", "min_lr_ratio", "weight_decay", "random_seed")
+_TRAINING_TRAINER_KEYS = (
+    "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "accumulate_grad_batches", "gradient_clip_val",
+    "gradient_clip_algorithm", "limit_train_batches", "limit_val_batches", "val_check_interval",
+    "check_val_every_n_epoch", "num_sanity_val_steps", "reload_dataloaders_every_n_epochs",
+)  # fmt: skip
+# ... and what the base model (no steering) does not use either.
+_STEERING_MODEL_KEYS = ("bank", "scales", "random_neurons", "init_scale", "scale_bound")
+# Path settings, compared after os.path.normpath ("./a/b" is "a/b").
+_PATH_KEYS = ("model", "bank", "scales", "annotation_file", "image_root", "split_file", "cache_dir", "test_split_file", "dev_split_file")
 
 
 class SharedAdapter:
@@ -78,6 +89,18 @@ def _plain(namespace: Any) -> dict[str, Any]:
 def _jsonable(value: Any) -> Any:
     """``value`` as plain JSON data (paths and other objects as strings)."""
     return json.loads(json.dumps(value, default=str, sort_keys=True))
+
+
+def _normalised_paths(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with the path values of ``_PATH_KEYS`` normalised (nested dicts too)."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            value = _normalised_paths(value)
+        elif key in _PATH_KEYS and isinstance(value, str) and value:
+            value = os.path.normpath(value)
+        out[key] = value
+    return out
 
 
 def file_digest(path: str | None) -> str | None:
@@ -105,25 +128,47 @@ class Comparison:
         self.seed = self.config.get("seed_everything")
         self.state = RunState(
             self.output_dir / "state.json", model_name=str(self.model_args["model"]), task=str(self.model_args["task"]),
-            overwrite_flag="--compare.overwrite true",
+            remedy=(
+                "rerun with --compare.overwrite true to recompute it (that recomputes every method in "
+                "--compare.methods; list only this one to keep the others)"
+            ),
         )
 
     def method_fingerprint(self, name: str) -> dict[str, Any]:
-        """The settings a method's row depends on (JSON data): model (with a digest of a
-        local model folder) and bank file contents, data, trainer, comparison settings, seed."""
-        model = {k: v for k, v in self.model_args.items() if k not in _UNUSED_MODEL_KEYS}
+        """The settings a method's row depends on (JSON data, paths normalised): the model
+        arguments with the method's overrides (and a digest of a local model folder), the bank
+        and scales files' contents where the method steers, data, trainer, the comparison's
+        splits, seed. Settings the method does not use are left out (a trained method's
+        schedule for Base, Fixed-Amp and Grid-Search; the bank for Base; the factors for all
+        but Grid-Search), so changing them does not invalidate its row."""
+        method = get_method(name)
+        model = {k: v for k, v in {**self.model_args, **method.overrides}.items() if k not in _UNUSED_MODEL_KEYS}
         trainer = {k: v for k, v in _plain(self.config.trainer).items() if k not in _UNUSED_TRAINER_KEYS}
+        compare = {k: v for k, v in self.settings.items() if k not in _UNUSED_COMPARE_KEYS}
+        steers = model.get("steer", True)
+        if not method.train:
+            model = {k: v for k, v in model.items() if k not in _TRAINING_MODEL_KEYS}
+            trainer = {k: v for k, v in trainer.items() if k not in _TRAINING_TRAINER_KEYS}
+        if not steers:
+            model = {k: v for k, v in model.items() if k not in _STEERING_MODEL_KEYS}
+        if not method.grid:
+            compare = {k: v for k, v in compare.items() if k not in ("grid_factors", "dev_limit")}
+            if not method.train:
+                compare.pop("dev_split_file", None)
         return _jsonable(
-            {
-                "method": name,
-                "model": model,
-                "model_identity": model_identity(str(self.model_args["model"])),
-                "bank_digest": file_digest(self.model_args.get("bank")),
-                "data": {k: v for k, v in self.data_args.items() if k not in _UNUSED_DATA_KEYS},
-                "trainer": trainer,
-                "compare": {k: v for k, v in self.settings.items() if k not in _UNUSED_COMPARE_KEYS},
-                "seed": self.seed,
-            }
+            _normalised_paths(
+                {
+                    "method": name,
+                    "model": model,
+                    "model_identity": model_identity(str(self.model_args["model"])),
+                    "bank_digest": file_digest(model.get("bank")) if steers else None,
+                    "scales_digest": file_digest(model.get("scales")) if steers else None,
+                    "data": {k: v for k, v in self.data_args.items() if k not in _UNUSED_DATA_KEYS},
+                    "trainer": trainer,
+                    "compare": compare,
+                    "seed": self.seed,
+                }
+            )
         )
 
     # -- building blocks ------------------------------------------------------------------
@@ -201,14 +246,19 @@ class Comparison:
         ood = self.ood_datamodule()
 
         stages = {name: f"method/{name}" for name in settings["methods"]}
+        fingerprints = {name: self.method_fingerprint(name) for name in settings["methods"]}
         if settings.get("overwrite"):
             self.state.forget(stages.values())
+            if int(getattr(rank_zero_only, "rank", 0)) == 0:
+                self.state.save()  # a crash before a method ends must not bring its old row back
+        # every listed method's record is checked before any work: a mismatch stops the run now
+        finished = {name for name in settings["methods"] if self.state.is_done(stages[name], fingerprints[name])}
         rows = []
         is_zero = True
         for name in settings["methods"]:
             method = get_method(name)
-            fingerprint = self.method_fingerprint(name)
-            if self.state.is_done(stages[name], fingerprint):
+            fingerprint = fingerprints[name]
+            if name in finished:
                 print(f"compare: {name} already finished ({self.state.path}); skipped", flush=True)
                 rows.append(self.state.record(stages[name])["info"])
                 continue
