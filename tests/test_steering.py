@@ -500,6 +500,41 @@ def test_compare_resumes_finished_methods(toy_run: dict[str, Path], tmp_path: Pa
 
 
 @pytest.mark.slow
+def test_compare_on_two_processes_resumes(toy_run: dict[str, Path], tmp_path: Path) -> None:
+    """torchrun, 2 processes (gloo): Base equals the 1-process row; a rerun skips both methods
+    (reported once); the process count does not invalidate Base's row, but does HONES' (its
+    global batch doubled)."""
+    import subprocess
+    import sys
+
+    from eval_fixtures import free_port, subprocess_env
+
+    from hones.attribution.run_state import AnalysisError
+    from hones.steering.compare import run_comparison
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "compare"
+    args = ["--config", str(toy_run["config"]), *FAST_TRAINER, "--compare.output_dir", str(out)]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(repo / "train.py"), "compare", *args,
+           "--trainer", str(repo / "configs/trainer/ddp_cpu.yaml"), "--compare.methods", "[base, hones]"]  # fmt: skip
+
+    def launch() -> str:
+        done = subprocess.run(two, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    launch()
+    rows = {row["method"]: row for row in json.loads((out / "summary.json").read_text())["methods"]}
+    one = run_comparison([*args, "--compare.output_dir", str(tmp_path / "one"), "--compare.methods", "[base]"])
+    assert one["methods"][0]["test"] == rows["base"]["test"] and one["methods"][0]["ood"] == rows["base"]["ood"]
+    assert launch().count("already finished") == 2  # rank 0 only
+    assert run_comparison([*args, "--compare.methods", "[base]"])["methods"][0] == rows["base"]  # 1 process: kept
+    with pytest.raises(AnalysisError, match=r"'method/hones' .*trainer.devices: 2 -> 1"):
+        run_comparison([*args, "--compare.methods", "[base, hones]"])
+
+
+@pytest.mark.slow
 def test_train_py_fit_test_and_bank_error(toy_run: dict[str, Path], tmp_path: Path) -> None:
     import subprocess
     import sys

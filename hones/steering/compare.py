@@ -63,6 +63,9 @@ _TRAINING_TRAINER_KEYS = (
     "gradient_clip_algorithm", "limit_train_batches", "limit_val_batches", "val_check_interval",
     "check_val_every_n_epoch", "num_sanity_val_steps", "reload_dataloaders_every_n_epochs",
 )  # fmt: skip
+# The process count: evaluation gives the 1-process numbers on any number of processes
+# (docs/distributed.md), while a fit's global batch grows with it.
+_PROCESS_TRAINER_KEYS = ("devices", "num_nodes", "strategy", "sync_batchnorm")
 # ... and what the base model (no steering) does not use either.
 _STEERING_MODEL_KEYS = ("bank", "scales", "random_neurons", "init_scale", "scale_bound")
 # Path settings, compared after os.path.normpath ("./a/b" is "a/b").
@@ -86,15 +89,23 @@ def _plain(namespace: Any) -> dict[str, Any]:
     return namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace)
 
 
+def _is_rank_zero() -> bool:
+    """Global rank 0 (or no distributed run): the process that writes and reports."""
+    return int(getattr(rank_zero_only, "rank", 0)) == 0
+
+
 def _jsonable(value: Any) -> Any:
     """``value`` as plain JSON data (paths and other objects as strings)."""
     return json.loads(json.dumps(value, default=str, sort_keys=True))
 
 
 def _normalised_paths(settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` with the path values of ``_PATH_KEYS`` normalised (nested dicts too)."""
+    """``settings`` with the path values of ``_PATH_KEYS`` normalised (nested dicts too), without
+    jsonargparse's ``__path__`` entries (the file a section came from, not a setting)."""
     out: dict[str, Any] = {}
     for key, value in settings.items():
+        if isinstance(key, str) and key.startswith("__"):
+            continue
         if isinstance(value, dict):
             value = _normalised_paths(value)
         elif key in _PATH_KEYS and isinstance(value, str) and value:
@@ -139,8 +150,8 @@ class Comparison:
         arguments with the method's overrides (and a digest of a local model folder), the bank
         and scales files' contents where the method steers, data, trainer, the comparison's
         splits, seed. Settings the method does not use are left out (a trained method's
-        schedule for Base, Fixed-Amp and Grid-Search; the bank for Base; the factors for all
-        but Grid-Search), so changing them does not invalidate its row."""
+        schedule and process count for Base, Fixed-Amp and Grid-Search; the bank for Base; the
+        factors for all but Grid-Search), so changing them does not invalidate its row."""
         method = get_method(name)
         model = {k: v for k, v in {**self.model_args, **method.overrides}.items() if k not in _UNUSED_MODEL_KEYS}
         trainer = {k: v for k, v in _plain(self.config.trainer).items() if k not in _UNUSED_TRAINER_KEYS}
@@ -148,7 +159,7 @@ class Comparison:
         steers = model.get("steer", True)
         if not method.train:
             model = {k: v for k, v in model.items() if k not in _TRAINING_MODEL_KEYS}
-            trainer = {k: v for k, v in trainer.items() if k not in _TRAINING_TRAINER_KEYS}
+            trainer = {k: v for k, v in trainer.items() if k not in _TRAINING_TRAINER_KEYS + _PROCESS_TRAINER_KEYS}
         if not steers:
             model = {k: v for k, v in model.items() if k not in _STEERING_MODEL_KEYS}
         if not method.grid:
@@ -217,7 +228,7 @@ class Comparison:
     def _clear_logs(self, name: str) -> None:
         """Remove the TensorBoard logs of an earlier, unfinished (or overwritten) attempt at a method,
         so that a rerun's curves do not continue the old ones (rank 0; ``tb/<name>``, ``tb/<name>_x*``)."""
-        if int(getattr(rank_zero_only, "rank", 0)) != 0:
+        if not _is_rank_zero():
             return
         tb = self.output_dir / "tb"
         for folder in [tb / name, *tb.glob(f"{name}_x*")]:
@@ -249,7 +260,7 @@ class Comparison:
         fingerprints = {name: self.method_fingerprint(name) for name in settings["methods"]}
         if settings.get("overwrite"):
             self.state.forget(stages.values())
-            if int(getattr(rank_zero_only, "rank", 0)) == 0:
+            if _is_rank_zero():
                 self.state.save()  # a crash before a method ends must not bring its old row back
         # every listed method's record is checked before any work: a mismatch stops the run now
         finished = {name for name in settings["methods"] if self.state.is_done(stages[name], fingerprints[name])}
@@ -259,7 +270,8 @@ class Comparison:
             method = get_method(name)
             fingerprint = fingerprints[name]
             if name in finished:
-                print(f"compare: {name} already finished ({self.state.path}); skipped", flush=True)
+                if _is_rank_zero():
+                    print(f"compare: {name} already finished ({self.state.path}); skipped", flush=True)
                 rows.append(self.state.record(stages[name])["info"])
                 continue
             self._clear_logs(name)
