@@ -38,9 +38,9 @@ from typing import Any, Callable
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from hones import io
+from hones.attribution.pipeline import is_global_zero
 from hones.attribution.run_state import AnalysisError, RunState
 from hones.attribution.settings import model_identity
 from hones.data.datamodule import HonesDataModule
@@ -87,11 +87,6 @@ class SharedAdapter:
 
 def _plain(namespace: Any) -> dict[str, Any]:
     return namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace)
-
-
-def _is_rank_zero() -> bool:
-    """Global rank 0 (or no distributed run): the process that writes and reports."""
-    return int(getattr(rank_zero_only, "rank", 0)) == 0
 
 
 def _jsonable(value: Any) -> Any:
@@ -228,7 +223,7 @@ class Comparison:
     def _clear_logs(self, name: str) -> None:
         """Remove the TensorBoard logs of an earlier, unfinished (or overwritten) attempt at a method,
         so that a rerun's curves do not continue the old ones (rank 0; ``tb/<name>``, ``tb/<name>_x*``)."""
-        if not _is_rank_zero():
+        if not is_global_zero():
             return
         tb = self.output_dir / "tb"
         for folder in [tb / name, *tb.glob(f"{name}_x*")]:
@@ -260,17 +255,16 @@ class Comparison:
         fingerprints = {name: self.method_fingerprint(name) for name in settings["methods"]}
         if settings.get("overwrite"):
             self.state.forget(stages.values())
-            if _is_rank_zero():
+            if is_global_zero():
                 self.state.save()  # a crash before a method ends must not bring its old row back
         # every listed method's record is checked before any work: a mismatch stops the run now
         finished = {name for name in settings["methods"] if self.state.is_done(stages[name], fingerprints[name])}
         rows = []
-        is_zero = True
         for name in settings["methods"]:
             method = get_method(name)
             fingerprint = fingerprints[name]
             if name in finished:
-                if _is_rank_zero():
+                if is_global_zero():
                     print(f"compare: {name} already finished ({self.state.path}); skipped", flush=True)
                 rows.append(self.state.record(stages[name])["info"])
                 continue
@@ -296,10 +290,9 @@ class Comparison:
                 module.eval_tag = "ood"
                 evaluator.test(module, datamodule=ood, verbose=False)
                 row["ood"] = module.results["metric"]
-            is_zero = evaluator.is_global_zero
             rows.append(row)
             self.state.mark_done(stages[name], fingerprint, row)
-            if is_zero:
+            if is_global_zero():
                 self.state.save()
 
         summary = {
@@ -311,7 +304,7 @@ class Comparison:
             "ood_dataset": (settings.get("ood") or {}).get("dataset"),
             "methods": rows,
         }
-        if is_zero:
+        if is_global_zero():
             io.write_json(self.output_dir / "summary.json", summary)
             io.write_text(self.output_dir / "summary.md", summary_markdown(summary))
         return summary
