@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import sys
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -140,6 +141,11 @@ class Comparison:
             ),
         )
 
+    @cached_property
+    def model_identity(self) -> str | None:
+        """``model_identity`` of the model folder, read once for every method's fingerprint."""
+        return model_identity(str(self.model_args["model"]))
+
     def method_fingerprint(self, name: str) -> dict[str, Any]:
         """The settings a method's row depends on (JSON data, paths normalised): the model
         arguments with the method's overrides (and a digest of a local model folder), the bank
@@ -166,7 +172,7 @@ class Comparison:
                 {
                     "method": name,
                     "model": model,
-                    "model_identity": model_identity(str(self.model_args["model"])),
+                    "model_identity": self.model_identity,
                     "bank_digest": file_digest(model.get("bank")) if steers else None,
                     "scales_digest": file_digest(model.get("scales")) if steers else None,
                     "data": {k: v for k, v in self.data_args.items() if k not in _UNUSED_DATA_KEYS},
