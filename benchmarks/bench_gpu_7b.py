@@ -3,6 +3,13 @@
     python benchmarks/bench_gpu_7b.py                          # both models (CUDA only; otherwise one skip line)
     python benchmarks/bench_gpu_7b.py --arch llava --batch-sizes 1 8 16
     python benchmarks/bench_gpu_7b.py --smoke                  # same code path, tiny sizes, on CPU (no GPU needed)
+    python benchmarks/bench_gpu_7b.py --arch llava --save /tmp/llava-7b-random   # write the random model, no timing
+
+``--save DIR`` writes the random model (bf16 safetensors, about 14 GB for LLaVA-1.5-7B) and
+its offline processor as a local model folder, so that the real-model configs
+(``configs/analyze/llava-1.5-7b.yaml``, ``configs/steering/llava-1.5-7b_*.yaml``) can run
+end to end at the 7B shapes without a download: ``--model DIR`` in place of the hub id.
+The vocabulary is the offline tokenizer's, padded to the real size; the outputs are noise.
 
 The models are built offline from their known sizes (no download): LLaVA-1.5-7B = CLIP
 ViT-L/14-336 (24 layers, 1024 wide, 576 image tokens) + 2-layer GELU projector + Llama-2-7B
@@ -305,13 +312,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows-per-forward", type=int, default=64)
     parser.add_argument("--heads-per-layer", type=int, default=2, help="heads of every layer in the heads stage")
     parser.add_argument("--smoke", action="store_true", help="tiny stand-in sizes on CPU: checks the code path, no GPU needed")
+    parser.add_argument("--save", default=None, help="write the random model and processor to this folder and stop (one --arch)")
     args = parser.parse_args(argv)
+    if args.save is not None and args.arch == "both":
+        parser.error("--save writes one model: give --arch llava or --arch qwen2_5_vl")
     args.device = "cpu" if args.smoke else "cuda"
     return args
 
 
+def save_random_model(args: argparse.Namespace) -> int:
+    """Write the random model of ``args.arch`` (bf16) and its processor to ``args.save``."""
+    from hones.models import save_pretrained
+
+    sizes = {"llava": LLAVA_SMOKE if args.smoke else LLAVA_7B, "qwen2_5_vl": QWEN_SMOKE if args.smoke else QWEN_7B}[args.arch]
+    build = llava_model if args.arch == "llava" else qwen_model
+    start = time.perf_counter()
+    adapter = build(sizes, args.device, torch.bfloat16)
+    save_pretrained(adapter.model, adapter.processor, args.save)
+    params = sum(p.numel() for p in adapter.model.parameters())
+    print(f"{adapter.name}: {params / 1e9:.2f} B parameters (random, bf16) written to {args.save} "
+          f"in {time.perf_counter() - start:.0f} s")  # fmt: skip
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.save is not None:
+        if not args.smoke and not torch.cuda.is_available():
+            args.device = "cpu"  # building 7B on the CPU is slow but works
+        return save_random_model(args)
     if not args.smoke and not torch.cuda.is_available():
         print(f"bench_gpu_7b: skipped — no CUDA device (torch {torch.__version__}); use --smoke for a CPU check of the code path")
         return 0

@@ -25,9 +25,21 @@
 #                    the README's main job)                               (<= 300 s; > 200 s)
 #      pytest_gpu's limit is 60 s here (30 s on one H200). The run folders are packed into
 #      $OUT_DIR/e2e_runs.tar.gz; compare them with a CPU run by scripts/compare_runs.py.
-# Worst case (every step at its timeout) just under 10 minutes for either set; the default set
-# took about 5 on one H200 (2026-11-27).
-#   STEPS=e2e bash scripts/gpu_checks.sh   # a, b, then e instead of c and d
+#   f. (STEPS=real7b) the real-model configs at the 7B shapes, end to end, on random weights
+#      (no download; the toy world's images and annotations stand in for COCO):
+#      save_llava7b:    benchmarks/bench_gpu_7b.py --save: a random LLaVA-1.5-7B folder (bf16)  (<= 120 s)
+#      analyze_llava7b: analyze.py all --config configs/analyze/llava-1.5-7b.yaml, vqa, 8 discovery
+#                       and 8 test images, teacher-forced head utility, one GPU           (<= 300 s)
+#      compare_llava7b: train.py compare --config configs/steering/llava-1.5-7b_vqa.yaml, Base and
+#                       HONES on that bank, 16 dev images, 1 epoch, 8 test and 8 GQA items  (<= 180 s)
+#      save_qwen7b, analyze_qwen7b: the same for Qwen2.5-VL-7B, 4 discovery images        (<= 120 + 180 s)
+#      bench_qwen7b:    Qwen2.5-VL-7B prefill at batch 8 and 32 on the same machine         (<= 90 s)
+#      The outputs are noise (random weights); what is checked is that every stage runs at these
+#      shapes, in bf16, within the GPU's memory, and how long it takes. pytest_gpu comes last here.
+# Worst case (every step at its timeout) just under 10 minutes for the default and e2e sets; the
+# default set took about 5 on one H200 (2026-11-27).
+#   STEPS=e2e bash scripts/gpu_checks.sh      # a, b, then e instead of c and d
+#   STEPS=real7b bash scripts/gpu_checks.sh   # a, f, then b
 # The Python must have a CUDA build of torch (the CPU-only venv fails step a's torch check).
 # On a bare GPU machine whose python3 already holds torch, lightning and transformers:
 #   PYTHON=python3 PYTHONPATH=$PWD bash scripts/gpu_checks.sh
@@ -65,9 +77,47 @@ step nvidia_smi 20 nvidia-smi --query-gpu=name,memory.total,driver_version,utili
 step torch_cuda 45 "$PY" -c 'import torch; assert torch.cuda.is_available(), f"torch {torch.__version__}: no CUDA"; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")'
 
 # b. GPU-marked tests (tests/test_gpu.py): callbacks on cuda = CPU, DDP over NCCL, bf16-mixed steering
-step pytest_gpu "$([ "${STEPS:-default}" = e2e ] && echo 60 || echo 90)" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+pytest_gpu() {
+    step pytest_gpu "$([ "${STEPS:-default}" = default ] && echo 90 || echo 60)" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+}
+[ "${STEPS:-default}" = real7b ] || pytest_gpu
 
-if [ "${STEPS:-default}" = "e2e" ]; then
+if [ "${STEPS:-default}" = "real7b" ]; then
+    RUNS=$(mktemp -d)
+    MODELS=${MODELS_DIR:-/tmp/hones_random_7b}
+    [ -e toyworld_data/toyworld.json ] || "$PY" -m hones.data.toyworld --out toyworld_data | tee -a "$SUMMARY"
+    TOY=(--data.annotation_file toyworld_data/coco/unified.json --data.image_root toyworld_data/coco/images
+         --data.num_workers 2)
+    ONE_GPU=(--trainer.accelerator gpu --trainer.devices 1 --trainer.strategy auto)
+    nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 5 >"$OUT_DIR/gpu_memory.log" 2>&1 &
+    SAMPLER=$!
+    step save_llava7b 120 "$PY" benchmarks/bench_gpu_7b.py --arch llava --save "$MODELS/llava"
+    step analyze_llava7b 300 "$PY" analyze.py all --config configs/analyze/llava-1.5-7b.yaml \
+        --model "$MODELS/llava" --model_name llava-1.5-7b-random --tasks '[vqa]' "${TOY[@]}" \
+        --discovery.split_file toyworld_data/splits/discovery.json --discovery.limit 8 \
+        --test.split_file toyworld_data/splits/test.json --test.limit 8 \
+        --heads.utility teacher_forced "${ONE_GPU[@]}" --output_root "$RUNS/analyze"
+    step compare_llava7b 180 "$PY" train.py compare --config configs/steering/llava-1.5-7b_vqa.yaml \
+        --model.model "$MODELS/llava" --model.bank "$RUNS/analyze/llava-1.5-7b-random/vqa/bank_hones.json" \
+        --model.output_dir "$RUNS/steering/vqa" --trainer.logger.init_args.save_dir "$RUNS/steering/vqa" \
+        "${TOY[@]}" --data.split_file toyworld_data/splits/dev.json --data.limit 16 "${ONE_GPU[@]}" \
+        --trainer.max_epochs 1 --compare.output_dir "$RUNS/steering/vqa/compare" --compare.methods '[base, hones]' \
+        --compare.test_split_file toyworld_data/splits/test.json --compare.test_limit 8 \
+        --compare.ood.annotation_file toyworld_data/gqa/questions.json \
+        --compare.ood.image_root toyworld_data/gqa/images --compare.ood.limit 8
+    rm -rf "$MODELS/llava"
+    step save_qwen7b 120 "$PY" benchmarks/bench_gpu_7b.py --arch qwen2_5_vl --save "$MODELS/qwen"
+    step analyze_qwen7b 180 "$PY" analyze.py all --config configs/analyze/qwen2.5-vl-7b.yaml \
+        --model "$MODELS/qwen" --model_name qwen2.5-vl-7b-random --tasks '[vqa]' "${TOY[@]}" \
+        --discovery.split_file toyworld_data/splits/discovery.json --discovery.limit 4 \
+        --test.split_file toyworld_data/splits/test.json --test.limit 8 \
+        --heads.utility teacher_forced "${ONE_GPU[@]}" --output_root "$RUNS/analyze"
+    rm -rf "$MODELS/qwen"
+    step bench_qwen7b 90 "$PY" benchmarks/bench_gpu_7b.py --arch qwen2_5_vl --batch-sizes 8 32 --iterations 3 --attr-items 0
+    kill "$SAMPLER" 2>/dev/null || true
+    pytest_gpu
+    tar -czf "$OUT_DIR/real7b_runs.tar.gz" --exclude='*.safetensors' --exclude='tensorboard' --exclude='tb' -C "$RUNS" .
+elif [ "${STEPS:-default}" = "e2e" ]; then
     RUNS=$(mktemp -d)
     [ -e toyworld_data/toyworld.json ] || "$PY" -m hones.data.toyworld --out toyworld_data | tee -a "$SUMMARY"
     step bench_7b_b32 75 "$PY" benchmarks/bench_gpu_7b.py --arch both --batch-sizes 32 --iterations 3 --attr-items 0
