@@ -126,7 +126,7 @@ def finished_neurons_run(parser: Any, parsed: Any, prog: str) -> TaskRun | None:
 def single_task_run(parser: Any, parsed: Any) -> TaskRun:
     """The ``TaskRun`` a script works on: its parsed ``AnalyzeConfig`` must name one task
     (``--task``), else ``parser.error``. The model is not loaded yet."""
-    config = AnalyzeConfig.from_namespace(parser.instantiate_classes(parsed))
+    config = AnalyzeConfig.from_namespace(parser.instantiate(parsed))
     tasks = config.task_list()
     if len(tasks) != 1:
         parser.error(f"give one task with --task (the config lists {', '.join(tasks)})")

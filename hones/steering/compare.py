@@ -208,7 +208,7 @@ class Comparison:
 
     def trainer(self, name: str, fit: bool = False) -> L.Trainer:
         """A fresh trainer from the config (its own TensorBoard version, no checkpoints)."""
-        init = self.reader.parser.instantiate_classes(self.config)
+        init = self.reader.parser.instantiate(self.config)
         kwargs = dict(init["trainer"])
         kwargs["logger"] = TensorBoardLogger(
             save_dir=str(self.output_dir), name="tb", version=name, default_hp_metric=False
