@@ -13,7 +13,11 @@ in the Trainer's callback list, it
   for the same fingerprint and world size, restores the callback's accumulators from it
   and sets ``callback.skip_batches`` so that the batches already summed are ignored;
 - ``on_*_batch_end``: every ``every_n_batches`` batches writes this rank's local
-  states (no collective: ranks save independently).
+  states (no collective: ranks save independently);
+- ``on_exception``: a SIGTERM stop (``SIGTERMException``: ``hones.sigterm.StopOnSigterm``
+  in a predict pass, Lightning itself in validation and test) ends the pass between two
+  batches, so the states then hold exactly the batches seen; they are written at once, and a
+  resume loses no batch, whatever the period (a cluster's preemption notice is a SIGTERM).
 
 Files are per rank (each rank's sums are local until ``compute`` synchronises them),
 so a resume needs the same world size; otherwise the partial state is discarded with a
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
@@ -179,6 +185,8 @@ class AccumulatorCheckpoint(Callback):
         self.fingerprint = json.loads(json.dumps(fingerprint))
         self.resumed_from = 0
         self._seen = 0
+        self._saved = 0  # batches held by the file on disk
+        self._in_pass: str | None = None  # the loop between its epoch start and end: "predict", "test", "validation"
 
     def file(self, rank: int) -> Path:
         """This stem's checkpoint file of process ``rank``."""
@@ -197,11 +205,12 @@ class AccumulatorCheckpoint(Callback):
     def _target_active(self) -> bool:
         return bool(getattr(self.target, "_active", True))
 
-    def _start(self, trainer: L.Trainer) -> None:
-        self.resumed_from = 0
-        self._seen = 0
+    def _start(self, trainer: L.Trainer, loop: str) -> None:
+        self.resumed_from = self._seen = self._saved = 0
+        self._in_pass = None
         if not self._target_active():
             return
+        self._in_pass = loop
         file = self.file(trainer.global_rank)
         if not file.is_file():
             return
@@ -213,34 +222,80 @@ class AccumulatorCheckpoint(Callback):
         if not roots:
             raise RuntimeError(f"{type(self.target).__name__} has no accumulator at epoch start; give it task=...")
         restore_metric_states(roots, tensors, layout)
-        self.resumed_from = self._seen = int(meta["batches"])
+        self.resumed_from = self._seen = self._saved = int(meta["batches"])
         self.target.skip_batches = self.resumed_from
         rank_zero_info(f"hones: resuming from {file.name} after {self.resumed_from} batches")
+
+    def _save(self, trainer: L.Trainer) -> None:
+        metadata = {"batches": self._seen, "world_size": trainer.world_size, "fingerprint": self.fingerprint}
+        save_metric_states(self.file(trainer.global_rank), self.target.accumulators(), metadata)
+        self._saved = self._seen
 
     def _batch_end(self, trainer: L.Trainer, batch_idx: int) -> None:
         if batch_idx < self.resumed_from or not self._target_active():
             return
         self._seen = batch_idx + 1
         if self.every_n_batches and self._seen % self.every_n_batches == 0:
-            metadata = {"batches": self._seen, "world_size": trainer.world_size, "fingerprint": self.fingerprint}
-            save_metric_states(self.file(trainer.global_rank), self.target.accumulators(), metadata)
+            self._save(trainer)
+
+    def _batches_stepped(self, trainer: L.Trainer) -> int | None:
+        """Batches whose step has run in the loop of this pass (Lightning's progress counter)."""
+        if self._in_pass == "predict":
+            loop = trainer.predict_loop
+        elif self._in_pass == "test":
+            loop = trainer.test_loop
+        elif self._in_pass == "validation":
+            loop = trainer.validate_loop if trainer.validating else trainer.fit_loop.epoch_loop.val_loop
+        else:
+            return None
+        return int(loop.batch_progress.current.processed)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """On a SIGTERM stop within the pass, write the batches summed so far (see the module docstring)."""
+        if not isinstance(exception, SIGTERMException) or self._in_pass is None or not self.every_n_batches:
+            return
+        if self._seen <= self._saved:
+            return
+        stepped = self._batches_stepped(trainer)
+        if stepped != self._seen:  # stopped inside a batch's hooks, before this callback's: the sums may hold it
+            rank_zero_warn(
+                f"{self.file(trainer.global_rank)}: stopped by SIGTERM inside batch {stepped} (checkpoint at "
+                f"{self._seen}); the batches since the last checkpoint ({self._saved}) are not saved. Put "
+                "StopOnSigterm after AccumulatorCheckpoint in the Trainer's callbacks"
+            )
+            return
+        self._save(trainer)
+        print(f"hones: SIGTERM: saved {self.file(trainer.global_rank).name} after {self._seen} batches", file=sys.stderr)
+
+    def _end(self) -> None:
+        self._in_pass = None
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._start(trainer)
+            self._start(trainer, "validation")
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[no-untyped-def]
         if not trainer.sanity_checking:
             self._batch_end(trainer, batch_idx)
 
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._end()
+
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start(trainer)
+        self._start(trainer, "test")
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[no-untyped-def]
         self._batch_end(trainer, batch_idx)
 
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._end()
+
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start(trainer)
+        self._start(trainer, "predict")
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[no-untyped-def]
         self._batch_end(trainer, batch_idx)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._end()
