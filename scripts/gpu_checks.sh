@@ -36,6 +36,8 @@
 #      bench_qwen7b:    Qwen2.5-VL-7B prefill at batch 8 and 32 on the same machine         (<= 90 s)
 #      The outputs are noise (random weights); what is checked is that every stage runs at these
 #      shapes, in bf16, within the GPU's memory, and how long it takes. pytest_gpu comes last here.
+#      The set took 9 minutes on one H200 (2026-11-27); its step limits add up to more than a
+#      device call's 10 minutes, so run it under an outer `timeout` (the logs are kept per step).
 # Worst case (every step at its timeout) just under 10 minutes for the default and e2e sets; the
 # default set took about 5 on one H200 (2026-11-27).
 #   STEPS=e2e bash scripts/gpu_checks.sh      # a, b, then e instead of c and d
@@ -91,6 +93,7 @@ if [ "${STEPS:-default}" = "real7b" ]; then
     ONE_GPU=(--trainer.accelerator gpu --trainer.devices 1 --trainer.strategy auto)
     nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 5 >"$OUT_DIR/gpu_memory.log" 2>&1 &
     SAMPLER=$!
+    trap 'kill "$SAMPLER" 2>/dev/null || true' EXIT
     step save_llava7b 120 "$PY" benchmarks/bench_gpu_7b.py --arch llava --save "$MODELS/llava"
     step analyze_llava7b 300 "$PY" analyze.py all --config configs/analyze/llava-1.5-7b.yaml \
         --model "$MODELS/llava" --model_name llava-1.5-7b-random --tasks '[vqa]' "${TOY[@]}" \

@@ -338,6 +338,99 @@ def test_sigterm_saves_the_batches_seen_and_the_pass_resumes(world: Path, tiny_l
     assert not partial.exists()
 
 
+class SummingTarget(L.Callback):
+    """A stand-in attribution callback: sums its validation / test batches into one metric."""
+
+    def __init__(self) -> None:
+        from torchmetrics.aggregation import SumMetric
+
+        self.total, self.skip_batches = SumMetric(), 0
+
+    def accumulators(self) -> dict[str, Any]:
+        return {"total": self.total}
+
+    def _add(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx >= self.skip_batches:
+            self.total.update(batch[0].sum())
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[no-untyped-def]
+        self._add(batch, batch_idx)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[no-untyped-def]
+        self._add(batch, batch_idx)
+
+
+@pytest.mark.parametrize("entry", ["fit", "validate", "test"])
+def test_sigterm_in_validation_and_test_loops_saves_the_batches_seen(entry: str, tmp_path: Path) -> None:
+    """Lightning's own evaluation loops stop on SIGTERM after a batch; the checkpoint then holds
+    exactly those batches, in validation inside ``fit`` too (its own loop, not ``validate``'s)."""
+    import os
+    import signal
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from hones.attribution.checkpoint import read_metric_states
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.layer(batch[0]).sum()
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            return None
+
+        def test_step(self, batch: Any, batch_idx: int) -> None:
+            return None
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class Kill(L.Callback):
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[no-untyped-def]
+            if batch_idx == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        on_test_batch_end = on_validation_batch_end
+
+    loader = DataLoader(TensorDataset(torch.arange(8.0).view(-1, 1)), batch_size=1)  # batch i holds the value i
+    target = SummingTarget()
+    checkpoint = AccumulatorCheckpoint(target, tmp_path / "partial" / "sums", every_n_batches=100)
+    trainer = L.Trainer(
+        accelerator="cpu", callbacks=[target, checkpoint, Kill()], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=1, max_epochs=1,
+    )  # fmt: skip
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit):
+            if entry == "fit":
+                trainer.fit(Module(), loader, loader)
+            else:
+                getattr(trainer, entry)(Module(), loader)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    tensors, _, meta = read_metric_states(checkpoint.file(0))
+    assert meta["batches"] == 3
+    assert [float(value) for value in tensors.values()] == [0.0 + 1.0 + 2.0]
+
+
+def test_a_checkpointed_pass_takes_one_dataloader(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Module(L.LightningModule):
+        def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+            return None
+
+    loader = DataLoader(TensorDataset(torch.arange(4.0).view(-1, 1)), batch_size=1)
+    target = SummingTarget()
+    checkpoint = AccumulatorCheckpoint(target, tmp_path / "sums", every_n_batches=1)
+    trainer = L.Trainer(accelerator="cpu", callbacks=[target, checkpoint], logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="one dataloader; this test pass has 2"):
+        trainer.test(Module(), [loader, loader])
+
+
 def test_sigterm_inside_a_batch_saves_nothing_inconsistent(tmp_path: Path) -> None:
     """If the stop comes before the checkpoint's own batch-end hook (StopOnSigterm placed before it),
     the sums may hold a batch the count does not: nothing is written, with a warning."""

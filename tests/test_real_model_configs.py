@@ -42,7 +42,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def data_args(world: Path) -> list[str]:
+def toy_data_args(world: Path) -> list[str]:
     return [
         "--data.annotation_file", str(world / "coco" / "unified.json"),
         "--data.image_root", str(world / "coco" / "images"), "--data.num_workers", "0",
@@ -57,7 +57,7 @@ def test_analyze_config_runs_on_a_random_model_of_the_class(arch: str, config: s
     assert architectures == [{"llava": "LlavaForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[arch]]
     out = run(
         str(ROOT / "analyze.py"), "all", "--config", str(ROOT / "configs/analyze" / f"{config}.yaml"),
-        "--model", str(model), "--model_name", "random", "--tasks", "[vqa]", *data_args(world),
+        "--model", str(model), "--model_name", "random", "--tasks", "[vqa]", *toy_data_args(world),
         "--discovery.split_file", str(world / "splits/discovery.json"), "--discovery.limit", "4",
         "--test.split_file", str(world / "splits/test.json"), "--test.limit", "4",
         "--heads.utility", "teacher_forced", "--heads.max_new_tokens", "2", "--masking.max_new_tokens", "2",
@@ -84,7 +84,7 @@ def test_steering_config_compares_on_a_random_llava(world: Path, tmp_path: Path)
         str(ROOT / "train.py"), "compare", "--config", str(ROOT / "configs/steering/llava-1.5-7b_vqa.yaml"),
         "--model.model", str(model), "--model.bank", str(bank), "--model.max_new_tokens", "2",
         "--model.output_dir", str(steer), "--trainer.logger.init_args.save_dir", str(steer),
-        *data_args(world), "--data.split_file", str(world / "splits/dev.json"), "--data.limit", "4",
+        *toy_data_args(world), "--data.split_file", str(world / "splits/dev.json"), "--data.limit", "4",
         *CPU, "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
         "--compare.output_dir", str(steer / "compare"), "--compare.methods", "[base, hones]",
         "--compare.test_split_file", str(world / "splits/test.json"), "--compare.test_limit", "4",

@@ -15,9 +15,13 @@ in the Trainer's callback list, it
 - ``on_*_batch_end``: every ``every_n_batches`` batches writes this rank's local
   states (no collective: ranks save independently);
 - ``on_exception``: a SIGTERM stop (``SIGTERMException``: ``hones.sigterm.StopOnSigterm``
-  in a predict pass, Lightning itself in validation and test) ends the pass between two
-  batches, so the states then hold exactly the batches seen; they are written at once, and a
-  resume loses no batch, whatever the period (a cluster's preemption notice is a SIGTERM).
+  in a predict pass, exit code 143; Lightning itself in validation and test) ends the pass
+  between two batches, so the states then hold exactly the batches seen; they are written at
+  once, and a resume loses no batch, whatever the period (unless it is 0: no checkpoints).
+  A cluster's preemption notice is a SIGTERM.
+
+One dataloader per pass: the batch counts are per dataloader (``batch_idx``), so a pass
+with several is refused.
 
 Files are per rank (each rank's sums are local until ``compute`` synchronises them),
 so a resume needs the same world size; otherwise the partial state is discarded with a
@@ -29,12 +33,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
@@ -211,6 +217,10 @@ class AccumulatorCheckpoint(Callback):
         if not self._target_active():
             return
         self._in_pass = loop
+        counts = {"predict": trainer.num_predict_batches, "test": trainer.num_test_batches,
+                  "validation": trainer.num_val_batches}[loop]  # fmt: skip
+        if len(counts) > 1:
+            raise ValueError(f"AccumulatorCheckpoint counts the batches of one dataloader; this {loop} pass has {len(counts)}")
         file = self.file(trainer.global_rank)
         if not file.is_file():
             return
@@ -245,7 +255,8 @@ class AccumulatorCheckpoint(Callback):
         elif self._in_pass == "test":
             loop = trainer.test_loop
         elif self._in_pass == "validation":
-            loop = trainer.validate_loop if trainer.validating else trainer.fit_loop.epoch_loop.val_loop
+            fitting = trainer.state.fn == TrainerFn.FITTING  # fit sets `validating` too, so ask the entry point
+            loop = trainer.fit_loop.epoch_loop.val_loop if fitting else trainer.validate_loop
         else:
             return None
         return int(loop.batch_progress.current.processed)
@@ -258,10 +269,11 @@ class AccumulatorCheckpoint(Callback):
             return
         stepped = self._batches_stepped(trainer)
         if stepped != self._seen:  # stopped inside a batch's hooks, before this callback's: the sums may hold it
-            rank_zero_warn(
-                f"{self.file(trainer.global_rank)}: stopped by SIGTERM inside batch {stepped} (checkpoint at "
-                f"{self._seen}); the batches since the last checkpoint ({self._saved}) are not saved. Put "
-                "StopOnSigterm after AccumulatorCheckpoint in the Trainer's callbacks"
+            warnings.warn(
+                f"[rank {trainer.global_rank}] {self.file(trainer.global_rank)}: stopped by SIGTERM inside batch "
+                f"{stepped} (checkpoint at {self._seen}); the batches since the last checkpoint ({self._saved}) are "
+                "not saved. Put StopOnSigterm after AccumulatorCheckpoint in the Trainer's callbacks",
+                stacklevel=2,
             )
             return
         self._save(trainer)
