@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from shared_samples import COCO_SAMPLE, TEXTVQA_SAMPLE
+
 from hones.data.errors import DataError, SkipReport
 from hones.data.formats import (
     load_coco_unified,
@@ -25,11 +27,6 @@ from hones.data.formats import (
 from hones.data.records import load_image
 from hones.data.toyworld import ToyWorldConfig, generate_world
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not SHARED.is_dir():  # the repo may sit elsewhere; the lead's layout is /work/{main,shared}
-    SHARED = Path("/work/shared/data")
-COCO_SAMPLE = SHARED / "coco_unified_sample.json"
-TEXTVQA_SAMPLE = SHARED / "textvqa_sample.json"
 needs_samples = pytest.mark.skipif(not COCO_SAMPLE.is_file(), reason="shared/data samples not present")
 
 

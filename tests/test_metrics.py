@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import warnings
@@ -21,6 +20,8 @@ from typing import Any
 
 import pytest
 import torch
+
+from shared_samples import SHARED_DATA
 
 from hones.metrics import (
     ANLS,
@@ -51,19 +52,9 @@ from hones.text_normalization import (
 # --------------------------------------------------------------------------- data
 
 
-def _shared_dir() -> Path | None:
-    """shared/ of the workplace: $HONES_SHARED_DIR, else the sibling of the repo root."""
-    candidates = [os.environ.get("HONES_SHARED_DIR"), Path(__file__).resolve().parents[2] / "shared"]
-    for cand in candidates:
-        if cand and (Path(cand) / "data").is_dir():
-            return Path(cand)
-    return None
-
-
 def _load_sample(name: str) -> list[dict[str, Any]]:
-    shared = _shared_dir()
-    path = shared / "data" / name if shared else None
-    if path is None or not path.is_file():
+    path = SHARED_DATA / name
+    if not path.is_file():
         pytest.skip(f"shared/data/{name} not available")
     return json.loads(path.read_text())["data"]
 

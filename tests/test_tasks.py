@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from shared_samples import COCO_SAMPLE, TEXTVQA_SAMPLE
+
 from hones.data.errors import DataError
 from hones.data.formats import load_coco_unified, load_textvqa
 from hones.data.images import draw_ocr_box
@@ -22,9 +24,6 @@ from hones.data.tasks import (
     word_set,
 )
 
-SHARED = Path("/work/shared/data")
-COCO_SAMPLE = SHARED / "coco_unified_sample.json"
-TEXTVQA_SAMPLE = SHARED / "textvqa_sample.json"
 needs_samples = pytest.mark.skipif(not COCO_SAMPLE.is_file(), reason="shared/data samples not present")
 
 
