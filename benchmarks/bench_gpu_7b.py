@@ -271,9 +271,15 @@ def attribution_rows(adapter: Any, sizes: Sizes, args: argparse.Namespace) -> li
 
 
 # -- report ------------------------------------------------------------------------------------
+def sizes_and_builder(arch: str, smoke: bool) -> tuple[Sizes, Callable[[Sizes, str, torch.dtype], Any]]:
+    """The sizes of ``arch`` (7B, or the tiny stand-ins with ``smoke``) and the function that builds it."""
+    if arch == "llava":
+        return (LLAVA_SMOKE if smoke else LLAVA_7B), llava_model
+    return (QWEN_SMOKE if smoke else QWEN_7B), qwen_model
+
+
 def bench_model(arch: str, args: argparse.Namespace, peak: float | None, matmul_peak: float | None) -> None:
-    sizes = {"llava": LLAVA_SMOKE if args.smoke else LLAVA_7B, "qwen2_5_vl": QWEN_SMOKE if args.smoke else QWEN_7B}[arch]
-    build = llava_model if arch == "llava" else qwen_model
+    sizes, build = sizes_and_builder(arch, args.smoke)
     dtype = torch.bfloat16
     start = time.perf_counter()
     adapter = build(sizes, args.device, dtype)
@@ -324,8 +330,7 @@ def save_random_model(args: argparse.Namespace) -> int:
     """Write the random model of ``args.arch`` (bf16) and its processor to ``args.save``."""
     from hones.models import save_pretrained
 
-    sizes = {"llava": LLAVA_SMOKE if args.smoke else LLAVA_7B, "qwen2_5_vl": QWEN_SMOKE if args.smoke else QWEN_7B}[args.arch]
-    build = llava_model if args.arch == "llava" else qwen_model
+    sizes, build = sizes_and_builder(args.arch, args.smoke)
     start = time.perf_counter()
     adapter = build(sizes, args.device, torch.bfloat16)
     save_pretrained(adapter.model, adapter.processor, args.save)
