@@ -4,6 +4,7 @@ and a small PIL image factory."""
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -29,6 +30,14 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def sigterm_restored() -> Iterator[None]:
+    """For tests that send themselves SIGTERM: the process's SIGTERM handler is put back after."""
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture(scope="session")

@@ -308,12 +308,11 @@ class Terminate(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+@pytest.mark.usefixtures("sigterm_restored")
 def test_sigterm_saves_the_batches_seen_and_the_pass_resumes(world: Path, tiny_llava: VLMAdapter, tmp_path: Path) -> None:
     """A SIGTERM in batch 2 of 4 of the neuron pass, with no periodic checkpoint due (period 100):
     the pass stops with exit code 143 after writing a checkpoint of the 2 batches seen, and the
     rerun resumes from it to the artifacts of an uninterrupted run, byte for byte."""
-    import signal
-
     from hones.attribution.checkpoint import read_metric_states
 
     factory = lambda: tiny_llava  # noqa: E731
@@ -322,12 +321,8 @@ def test_sigterm_saves_the_batches_seen_and_the_pass_resumes(world: Path, tiny_l
 
     config = small_config(world, tmp_path / "resumed", checkpoint_every_n_batches=100)
     partial = config.run_dir("caption") / "partial" / "neurons.rank0.safetensors"
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            run_analysis(config, "all", extra_callbacks=[Terminate("neurons", at=1)], adapter_factory=factory)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with pytest.raises(SystemExit) as stopped:
+        run_analysis(config, "all", extra_callbacks=[Terminate("neurons", at=1)], adapter_factory=factory)
     assert stopped.value.code == 143
     assert read_metric_states(partial)[2]["batches"] == 2
     watcher = Interrupt("none", after=0)
@@ -360,6 +355,7 @@ class SummingTarget(L.Callback):
         self._add(batch, batch_idx)
 
 
+@pytest.mark.usefixtures("sigterm_restored")
 @pytest.mark.parametrize("entry", ["fit", "validate", "test"])
 def test_sigterm_in_validation_and_test_loops_saves_the_batches_seen(entry: str, tmp_path: Path) -> None:
     """Lightning's own evaluation loops stop on SIGTERM after a batch; the checkpoint then holds
@@ -402,15 +398,11 @@ def test_sigterm_in_validation_and_test_loops_saves_the_batches_seen(entry: str,
         accelerator="cpu", callbacks=[target, checkpoint, Kill()], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=1, max_epochs=1,
     )  # fmt: skip
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit):
-            if entry == "fit":
-                trainer.fit(Module(), loader, loader)
-            else:
-                getattr(trainer, entry)(Module(), loader)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with pytest.raises(SystemExit):
+        if entry == "fit":
+            trainer.fit(Module(), loader, loader)
+        else:
+            getattr(trainer, entry)(Module(), loader)
     tensors, _, meta = read_metric_states(checkpoint.file(0))
     assert meta["batches"] == 3
     assert [float(value) for value in tensors.values()] == [0.0 + 1.0 + 2.0]

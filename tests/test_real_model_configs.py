@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,21 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``random_model(arch)``: the smoke-size random model folder of ``arch``, written once per module."""
+    folders: dict[str, Path] = {}
+
+    def folder(arch: str) -> Path:
+        if arch not in folders:
+            out = tmp_path_factory.mktemp(arch) / "model"
+            run(str(ROOT / "benchmarks/bench_gpu_7b.py"), "--smoke", "--arch", arch, "--save", str(out), cwd=out.parent)
+            folders[arch] = out
+        return folders[arch]
+
+    return folder
+
+
 def toy_data_args(world: Path) -> list[str]:
     return [
         "--data.annotation_file", str(world / "coco" / "unified.json"),
@@ -50,9 +66,10 @@ def toy_data_args(world: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(("arch", "config"), [("llava", "llava-1.5-7b"), ("qwen2_5_vl", "qwen2.5-vl-7b")])
-def test_analyze_config_runs_on_a_random_model_of_the_class(arch: str, config: str, world: Path, tmp_path: Path) -> None:
-    model = tmp_path / "model"
-    run(str(ROOT / "benchmarks/bench_gpu_7b.py"), "--smoke", "--arch", arch, "--save", str(model), cwd=tmp_path)
+def test_analyze_config_runs_on_a_random_model_of_the_class(
+    arch: str, config: str, world: Path, random_model: Callable[[str], Path], tmp_path: Path
+) -> None:
+    model = random_model(arch)
     architectures = json.loads((model / "config.json").read_text())["architectures"]
     assert architectures == [{"llava": "LlavaForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[arch]]
     out = run(
@@ -74,9 +91,8 @@ def test_analyze_config_runs_on_a_random_model_of_the_class(arch: str, config: s
     assert {"hones", "random", "activation", "write_in", "grad_x_act"} <= set(masking["methods"])
 
 
-def test_steering_config_compares_on_a_random_llava(world: Path, tmp_path: Path) -> None:
-    model = tmp_path / "model"
-    run(str(ROOT / "benchmarks/bench_gpu_7b.py"), "--smoke", "--arch", "llava", "--save", str(model), cwd=tmp_path)
+def test_steering_config_compares_on_a_random_llava(world: Path, random_model: Callable[[str], Path], tmp_path: Path) -> None:
+    model = random_model("llava")
     bank = tmp_path / "bank.json"
     bank.write_text(json.dumps([{"layer": 1, "neuron": 5, "score": 1.0, "rank": 0}, {"layer": 3, "neuron": 7, "score": 0.5, "rank": 1}]))
     steer = tmp_path / "steer"

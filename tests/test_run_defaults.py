@@ -99,6 +99,7 @@ def test_default_callbacks_keep_the_users_own() -> None:
     )
 
 
+@pytest.mark.usefixtures("sigterm_restored")
 def test_sigterm_stops_a_predict_pass() -> None:
     """Lightning's predict loop ignores SIGTERM; with ``StopOnSigterm`` the pass ends after the batch
     in flight, exit code 143, and callbacks get ``on_exception``."""
@@ -122,25 +123,21 @@ def test_sigterm_stops_a_predict_pass() -> None:
         def on_exception(self, trainer, pl_module, exception):  # type: ignore[no-untyped-def]
             self.exception = exception
 
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        for stop, expected_batches in ((False, 20), (True, 3)):
-            terminate = Terminate()
-            callbacks = [terminate, *([StopOnSigterm()] if stop else [])]
-            trainer = L.Trainer(
-                accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, callbacks=callbacks, limit_predict_batches=20,
-            )  # fmt: skip
-            if stop:
-                with pytest.raises(SystemExit) as exited:
-                    trainer.predict(BoringModel(), return_predictions=False)
-                assert exited.value.code == EXIT_CODE == 143
-                assert isinstance(terminate.exception, SystemExit)
-            else:
-                trainer.predict(BoringModel(), return_predictions=False)  # Lightning alone runs on
-                assert trainer.received_sigterm
-            assert terminate.seen == list(range(expected_batches))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    for stop, expected_batches in ((False, 20), (True, 3)):
+        terminate = Terminate()
+        callbacks = [terminate, *([StopOnSigterm()] if stop else [])]
+        trainer = L.Trainer(
+            accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=callbacks, limit_predict_batches=20,
+        )  # fmt: skip
+        if stop:
+            with pytest.raises(SystemExit) as exited:
+                trainer.predict(BoringModel(), return_predictions=False)
+            assert exited.value.code == EXIT_CODE == 143
+            assert isinstance(terminate.exception, SystemExit)
+        else:
+            trainer.predict(BoringModel(), return_predictions=False)  # Lightning alone runs on
+            assert trainer.received_sigterm
+        assert terminate.seen == list(range(expected_batches))
     assert any(isinstance(c, StopOnSigterm) for c in default_callbacks([], True))
     assert not any(isinstance(c, StopOnSigterm) for c in default_callbacks([StopOnSigterm()], True))

@@ -217,10 +217,9 @@ class AccumulatorCheckpoint(Callback):
         if not self._target_active():
             return
         self._in_pass = loop
-        counts = {"predict": trainer.num_predict_batches, "test": trainer.num_test_batches,
-                  "validation": trainer.num_val_batches}[loop]  # fmt: skip
-        if len(counts) > 1:
-            raise ValueError(f"AccumulatorCheckpoint counts the batches of one dataloader; this {loop} pass has {len(counts)}")
+        loaders = len(self._loop(trainer).max_batches)
+        if loaders > 1:
+            raise ValueError(f"AccumulatorCheckpoint counts the batches of one dataloader; this {loop} pass has {loaders}")
         file = self.file(trainer.global_rank)
         if not file.is_file():
             return
@@ -248,18 +247,14 @@ class AccumulatorCheckpoint(Callback):
         if self.every_n_batches and self._seen % self.every_n_batches == 0:
             self._save(trainer)
 
-    def _batches_stepped(self, trainer: L.Trainer) -> int | None:
-        """Batches whose step has run in the loop of this pass (Lightning's progress counter)."""
+    def _loop(self, trainer: L.Trainer) -> Any:
+        """Lightning's loop of the pass in progress (``self._in_pass`` is set)."""
         if self._in_pass == "predict":
-            loop = trainer.predict_loop
-        elif self._in_pass == "test":
-            loop = trainer.test_loop
-        elif self._in_pass == "validation":
-            fitting = trainer.state.fn == TrainerFn.FITTING  # fit sets `validating` too, so ask the entry point
-            loop = trainer.fit_loop.epoch_loop.val_loop if fitting else trainer.validate_loop
-        else:
-            return None
-        return int(loop.batch_progress.current.processed)
+            return trainer.predict_loop
+        if self._in_pass == "test":
+            return trainer.test_loop
+        fitting = trainer.state.fn == TrainerFn.FITTING  # fit sets `validating` too, so ask the entry point
+        return trainer.fit_loop.epoch_loop.val_loop if fitting else trainer.validate_loop
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """On a SIGTERM stop within the pass, write the batches summed so far (see the module docstring)."""
@@ -267,7 +262,7 @@ class AccumulatorCheckpoint(Callback):
             return
         if self._seen <= self._saved:
             return
-        stepped = self._batches_stepped(trainer)
+        stepped = int(self._loop(trainer).batch_progress.current.processed)  # batches whose step has run
         if stepped != self._seen:  # stopped inside a batch's hooks, before this callback's: the sums may hold it
             warnings.warn(
                 f"[rank {trainer.global_rank}] {self.file(trainer.global_rank)}: stopped by SIGTERM inside batch "
