@@ -33,6 +33,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from hones.run_defaults import HonesCLI
+from hones.sigterm import sigterm_exit_status
 
 SUBCOMMANDS = ("validate", "test")
 DEFAULT_SUBCOMMAND = "test"
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> EvalCLI:
     from hones.data.datamodule import HonesDataModule
     from hones.evaluation import EvalModule
 
-    cli = EvalCLI(EvalModule, HonesDataModule, args=args, save_config_kwargs={"overwrite": True})
+    with sigterm_exit_status():  # a SIGTERM stop exits 143, not 0
+        cli = EvalCLI(EvalModule, HonesDataModule, args=args, save_config_kwargs={"overwrite": True})
     line = _summary(cli.model)
     if line is not None and cli.trainer.is_global_zero:
         print(line)

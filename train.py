@@ -19,6 +19,7 @@ import warnings
 
 from hones.attribution.bank import BankError
 from hones.attribution.run_state import AnalysisError
+from hones.sigterm import sigterm_exit_status
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,21 +28,22 @@ def main(argv: list[str] | None = None) -> None:
     # The frozen VLM stays in eval mode on purpose (no dropout in teacher or student).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     try:
-        if args[:1] in (["-h"], ["--help"]):
-            print(__doc__)  # lists ``compare``, which is not a LightningCLI subcommand
-        if args and args[0] == "compare":
-            from hones.steering.compare import main as compare_main
+        with sigterm_exit_status():  # a SIGTERM stop exits 143, not 0
+            if args[:1] in (["-h"], ["--help"]):
+                print(__doc__)  # lists ``compare``, which is not a LightningCLI subcommand
+            if args and args[0] == "compare":
+                from hones.steering.compare import main as compare_main
 
-            try:
-                compare_main(args[1:])
-            except AnalysisError as error:  # a finished method computed with other settings
-                sys.exit(f"train.py compare: {error}")
-            return
-        from hones.data.datamodule import HonesDataModule
-        from hones.steering.cli import SteeringCLI
-        from hones.steering.module import SteeringModule
+                try:
+                    compare_main(args[1:])
+                except AnalysisError as error:  # a finished method computed with other settings
+                    sys.exit(f"train.py compare: {error}")
+                return
+            from hones.data.datamodule import HonesDataModule
+            from hones.steering.cli import SteeringCLI
+            from hones.steering.module import SteeringModule
 
-        SteeringCLI(SteeringModule, HonesDataModule, args=argv)
+            SteeringCLI(SteeringModule, HonesDataModule, args=argv)
     except BankError as error:
         sys.exit(f"train.py: {error}")
 

@@ -11,6 +11,8 @@ other loops, and the run resumes from its last mid-split checkpoint.
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
@@ -28,3 +30,19 @@ class StopOnSigterm(Callback):
     ) -> None:
         if getattr(trainer, "received_sigterm", False):
             raise SIGTERMException(EXIT_CODE)
+
+
+@contextmanager
+def sigterm_exit_status() -> Iterator[None]:
+    """Exit with 143 when SIGTERM stopped a Trainer run inside the block.
+
+    Lightning's fit, validation and test loops stop on SIGTERM by raising ``SIGTERMException()``,
+    a ``SystemExit`` without a code, so ``train.py fit`` or ``evaluate.py`` cut off by a
+    preemption exited 0, as if it had finished. The command lines wrap their work in this.
+    """
+    try:
+        yield
+    except SIGTERMException as stop:
+        if stop.code in (None, 0):
+            raise SIGTERMException(EXIT_CODE) from stop
+        raise

@@ -141,3 +141,17 @@ def test_sigterm_stops_a_predict_pass() -> None:
         assert terminate.seen == list(range(expected_batches))
     assert any(isinstance(c, StopOnSigterm) for c in default_callbacks([], True))
     assert not any(isinstance(c, StopOnSigterm) for c in default_callbacks([StopOnSigterm()], True))
+
+
+def test_sigterm_exit_status_gives_143() -> None:
+    """Lightning's fit / validate / test stop on SIGTERM with a code-less SystemExit (status 0)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from hones.sigterm import sigterm_exit_status
+
+    with pytest.raises(SystemExit) as stopped, sigterm_exit_status():
+        raise SIGTERMException()
+    assert stopped.value.code == 143
+    with pytest.raises(SystemExit) as other, sigterm_exit_status():
+        raise SystemExit(2)
+    assert other.value.code == 2
