@@ -181,7 +181,7 @@ def test_evaluation_sampler_shards_without_duplicates(setting: dict, monkeypatch
         for loader in (data.val_dataloader(), data.test_dataloader(), data.predict_dataloader()):
             assert isinstance(loader.sampler, UnrepeatedDistributedSampler)
         shards.append(list(data.test_dataloader().sampler))
-        assert data.train_dataloader().sampler.__class__.__name__ == "RandomSampler"  # Lightning shards training
+        assert data.train_dataloader().batch_sampler.sampler.__class__.__name__ == "RandomSampler"  # Lightning shards training
     assert shards == [[0, 2, 4], [1, 3]]
     monkeypatch.setattr(datamodule, "distributed_world", lambda: (1, 0))
     assert data.test_dataloader().sampler.__class__.__name__ == "SequentialSampler"

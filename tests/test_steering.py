@@ -599,3 +599,90 @@ def test_steering_test_likelihood_script(toy_run: dict[str, Path], tmp_path: Pat
     assert result["num_items"] == 4 if task == "vqa" else result["num_items"] > 4
     with pytest.raises(SystemExit):
         script.main([*args, "--methods", "fixed_amp"])  # no scales for it: a clear error
+
+
+@pytest.mark.slow
+def test_compare_resumes_an_interrupted_fit(
+    toy_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sigterm_restored: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """SIGTERM during HONES' second epoch: the rerun continues the fit from its checkpoint to the
+    row and scales of an uninterrupted comparison; a checkpoint written with other settings is
+    not resumed."""
+    from test_fit_resume import Seen, StopAt
+
+    from hones.steering.compare import Comparison, run_comparison
+
+    model, processor = build_tiny_llava(seed=0)
+    schedule = [*FAST_TRAINER, "--trainer.max_epochs", "2", "--compare.methods", "[hones]", "--compare.checkpoint_every_n_steps", "0"]
+    args = ["--config", str(toy_run["config"]), *schedule]
+    whole = run_comparison([*args, "--compare.output_dir", str(tmp_path / "whole")], adapter_factory=lambda: wrap_model(model, processor))
+
+    out = tmp_path / "stopped"
+    plain_trainer = Comparison.trainer
+
+    fit_callbacks: list[L.Callback] = [StopAt(epoch=1, batch=0)]
+
+    def trainer_with_callbacks(self: Comparison, name: str, fit: bool = False) -> L.Trainer:
+        built = plain_trainer(self, name, fit)
+        if fit:
+            built.callbacks.extend(fit_callbacks)
+        return built
+
+    monkeypatch.setattr(Comparison, "trainer", trainer_with_callbacks)
+    with pytest.raises(SystemExit):
+        run_comparison([*args, "--compare.output_dir", str(out)], adapter_factory=lambda: wrap_model(model, processor))
+    checkpoint = out / "hones" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file() and not (out / "summary.json").exists()
+    saved = torch.load(checkpoint, weights_only=True)
+    assert (saved["epoch"], saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"]) == (1, 1)
+    fit_callbacks.clear()
+
+    stale = tmp_path / "stale"  # the same checkpoint under settings it was not written with: not resumed
+    (stale / "hones" / "checkpoints").mkdir(parents=True)
+    (stale / "hones" / "checkpoints" / "last.ckpt").write_bytes(checkpoint.read_bytes())
+    other = run_comparison([*args, "--compare.output_dir", str(stale), "--model.beta", "0.1"],
+                           adapter_factory=lambda: wrap_model(model, processor))  # fmt: skip
+    assert "was written with other settings; the fit starts over" in capsys.readouterr().out
+
+    fit_callbacks[:] = [seen := Seen()]
+    resumed = run_comparison([*args, "--compare.output_dir", str(out)], adapter_factory=lambda: wrap_model(model, processor))
+    assert f"hones: resuming the fit from {checkpoint}" in capsys.readouterr().out
+    assert len(seen.uids) == 1  # 2 epochs x 2 batches, 3 of them trained before the stop
+    assert [{k: v for k, v in row.items() if k != "scales"} for row in resumed["methods"]] == [
+        {k: v for k, v in row.items() if k != "scales"} for row in whole["methods"]
+    ]
+    assert torch.equal(load_scales(out / "hones" / "scales.json").s, load_scales(tmp_path / "whole" / "hones" / "scales.json").s)
+    assert not (out / "hones" / "checkpoints").exists()  # removed once the method's row is recorded
+    assert other["methods"][0]["test"] is not None
+
+
+@pytest.mark.slow
+def test_train_py_fit_resumes_from_its_checkpoint(toy_run: dict[str, Path], tmp_path: Path) -> None:
+    """``train.py fit`` stopped by SIGTERM in its second epoch, then rerun with ``--ckpt_path``:
+    the scales of an uninterrupted ``train.py fit``."""
+    import os
+    import subprocess
+    import sys
+
+    from eval_fixtures import subprocess_env
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**subprocess_env(), "PYTHONPATH": os.pathsep.join([str(repo / "tests"), subprocess_env().get("PYTHONPATH", "")])}
+
+    def fit(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, str(repo / "train.py"), "fit", "--config", str(toy_run["config"]), *FAST_TRAINER,
+                   "--trainer.max_epochs", "2", "--model.output_dir", str(out), *extra]  # fmt: skip
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    whole = fit(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    stop = ["--trainer.callbacks+=test_fit_resume.StopAt", "--trainer.callbacks.epoch", "1", "--trainer.callbacks.batch", "0"]
+    stopped = fit(tmp_path / "run", *stop)
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert stopped.returncode == 143 and checkpoint.is_file(), stopped.stderr[-2000:]
+    assert not (tmp_path / "run" / "scales.json").exists()
+    resumed = fit(tmp_path / "run", "--ckpt_path", str(checkpoint))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Restored all states from the checkpoint" in resumed.stderr
+    assert torch.equal(load_scales(tmp_path / "run" / "scales.json").s, load_scales(tmp_path / "whole" / "scales.json").s)

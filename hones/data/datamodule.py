@@ -13,7 +13,8 @@ exactly once and ranks may run one batch more or less than each other; metrics m
 therefore synchronise once at epoch end (torchmetrics ``compute``), never inside a step.
 Lightning keeps a sampler that is already a ``DistributedSampler``, so this works with
 ``Trainer(use_distributed_sampler=True)`` (the default) as well as ``False`` (what the
-evaluation configs set, docs/distributed.md). Training keeps Lightning's shuffling sampler.
+evaluation configs set, docs/distributed.md). Training keeps Lightning's shuffling sampler,
+in a loader that a ``fit`` resumed mid-epoch continues exactly (``hones.data.resumable``).
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ import torch.distributed as dist
 from lightning import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from hones.data.errors import SkipReport
 from hones.data.formats import DATASETS, load_records
 from hones.data.records import SourceRecord, TaskItem, load_image
+from hones.data.resumable import ResumableBatchSampler, ResumableLoader
 from hones.data.tasks import N_NEGATIVES, TASKS, TRAIN_NEGATIVES, build_task_items
 from hones.data.toyworld import ToyWorldConfig, ensure_world
 
@@ -242,22 +244,33 @@ class HonesDataModule(LightningDataModule):
         return TaskCollate(self._encoder, self.with_targets)
 
     def _loader(self, shuffle: bool) -> DataLoader[TaskItem]:
-        """Training (``shuffle``): seeded shuffling, sharded by Lightning. Evaluation: in
-        order, sharded without duplicates by :func:`evaluation_sampler` when distributed."""
+        """Training (``shuffle``): seeded shuffling, sharded by Lightning, resumable mid-epoch
+        (:class:`~hones.data.resumable.ResumableLoader`). Evaluation: in order, sharded without
+        duplicates by :func:`evaluation_sampler` when distributed."""
         hp = self.hparams
         dataset = self.dataset
-        generator = torch.Generator().manual_seed(hp.seed) if shuffle else None
-        sampler = None if shuffle else evaluation_sampler(dataset)
-        return DataLoader(
-            dataset,
-            batch_size=hp.batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            num_workers=hp.num_workers,
-            collate_fn=self.collate(),
-            generator=generator,
-            persistent_workers=hp.num_workers > 0,
+        common: dict[str, Any] = dict(
+            num_workers=hp.num_workers, collate_fn=self.collate(), persistent_workers=hp.num_workers > 0
         )
+        if not shuffle:
+            return DataLoader(dataset, batch_size=hp.batch_size, sampler=evaluation_sampler(dataset), **common)
+        # the order DataLoader(shuffle=True, generator=g, num_workers=0) gives, for any num_workers,
+        # from a batch sampler that can resume (the workers' seeds come from a generator of their own)
+        shuffle_generator = torch.Generator().manual_seed(hp.seed)
+        batches = ResumableBatchSampler(RandomSampler(dataset, generator=shuffle_generator), hp.batch_size, drop_last=False)
+        return ResumableLoader(
+            dataset, batch_sampler=batches, generator=torch.Generator().manual_seed(hp.seed), trained=self._trained_batches,
+            **common,
+        )  # fmt: skip
+
+    def _trained_batches(self) -> tuple[int, bool]:
+        """The batches of the current epoch the attached Trainer's fit loop has processed, and
+        whether they end the epoch (all of them, or ``limit_train_batches``)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            raise RuntimeError("HonesDataModule: the training loader's position is only known inside Trainer.fit")
+        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return processed, processed >= trainer.num_training_batches
 
     def train_dataloader(self) -> DataLoader[TaskItem]:
         return self._loader(shuffle=True)

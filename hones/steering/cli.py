@@ -9,19 +9,25 @@ One YAML per (model, task) serves every command:
 
 Trainer defaults are the paper's (HONES_METHOD §5): 2 epochs, gradient accumulation 4,
 gradient-norm clip 1.0; the logger is TensorBoard with ``default_hp_metric=False``.
+``fit`` keeps a resume checkpoint, ``<model.output_dir>/checkpoints/last.ckpt``
+(``hones.steering.resume``): ``train.py fit --config ... --ckpt_path <that file>``
+continues an interrupted fit to the scales an uninterrupted one gives.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.loggers import TensorBoardLogger
 from jsonargparse import lazy_instance
 
 from hones.run_defaults import HonesCLI
+from hones.steering.resume import FitCheckpoint
 from hones.steering.methods import GRID_FACTORS, METHOD_NAMES
 
 # §5: 2 epochs, gradient accumulation 4, gradient-norm clip 1.0.
@@ -31,6 +37,9 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "gradient_clip_val": 1.0,
     "gradient_clip_algorithm": "norm",
 }
+
+# train.py fit's resume checkpoint period (optimiser steps); a checkpoint holds s, not the VLM.
+FIT_CHECKPOINT_EVERY_N_STEPS = 10
 
 
 @dataclass
@@ -47,6 +56,10 @@ class CompareSettings:
         test_limit: at most this many test records (None: all).
         ood: ``HonesDataModule`` arguments of the task's OOD set (``dataset``,
             ``annotation_file``, ``image_root``, ``limit``, ...); None skips OOD.
+        checkpoint_every_n_steps: a trained method keeps ``<output_dir>/<method>/checkpoints/last.ckpt``
+            every this many optimiser steps, after each epoch's last batch and on SIGTERM
+            (``hones.steering.resume``); a rerun resumes an interrupted fit from it. 0: only
+            at epoch ends and on SIGTERM.
         overwrite: recompute the listed methods even where ``<output_dir>/state.json``
             records them as finished (otherwise they are skipped, and a finished method
             whose settings changed since is an error).
@@ -60,6 +73,7 @@ class CompareSettings:
     test_split_file: str | None = None
     test_limit: int | None = None
     ood: dict[str, Any] | None = None
+    checkpoint_every_n_steps: int = 10
     overwrite: bool = False
 
 
@@ -77,6 +91,17 @@ class SteeringCLI(HonesCLI):
                 )
             }
         )
+
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The usual Trainer; for ``fit``, also a ``FitCheckpoint`` in ``<model.output_dir>/checkpoints``
+        (every ``FIT_CHECKPOINT_EVERY_N_STEPS`` optimiser steps, each epoch's last batch, SIGTERM)
+        unless the config has one, so ``--ckpt_path <output_dir>/checkpoints/last.ckpt`` resumes."""
+        trainer = super().instantiate_trainer(**kwargs)
+        directory = getattr(self.model, "hparams", {}).get("output_dir")
+        if self.subcommand == "fit" and directory and not any(isinstance(c, FitCheckpoint) for c in trainer.callbacks):
+            trainer.callbacks.append(FitCheckpoint(Path(directory) / "checkpoints", FIT_CHECKPOINT_EVERY_N_STEPS))
+        return trainer
 
 
 class ConfigReader(SteeringCLI):

@@ -12,7 +12,8 @@ caption and retrieval) and the output folder. Per method (``hones.steering.metho
   closest to 1) evaluated on test and OOD;
 - RandNeuron, HONES w/o KL, HONES: trained on the dev split's training items (the
   configured trainer: 2 epochs, accumulation 4, clip 1.0 by default; no per-epoch
-  validation), then evaluated; their scales are saved.
+  validation), then evaluated; their scales are saved. The fit keeps a resume checkpoint,
+  ``<output_dir>/<method>/checkpoints/last.ckpt`` (``hones.steering.resume``).
 
 Writes ``<output_dir>/summary.json`` and ``summary.md`` (one row per method: test and OOD
 metric), and per method ``<output_dir>/<method>/`` (metrics, predictions, scales) and
@@ -21,8 +22,13 @@ TensorBoard logs under ``<output_dir>/tb/<method>``. The model is loaded once an
 Resuming: each method's row is recorded in ``<output_dir>/state.json`` as soon as it is
 finished, with the settings it depends on (``method_fingerprint``). Rerunning the same
 command skips the finished methods and runs the rest; a method interrupted midway starts
-over. A finished method whose settings have changed since stops the run with one line
-naming them; ``--compare.overwrite true`` recomputes the listed methods instead.
+over, except a trained method's fit: it continues from its last checkpoint (every
+``compare.checkpoint_every_n_steps`` optimiser steps, each epoch's last batch, SIGTERM) to
+the scales an uninterrupted fit gives, when the checkpoint was written with the method's
+current settings (its fingerprint is stored in the checkpoint); otherwise the fit starts
+over. The checkpoint is removed once the method's row is recorded. A finished method whose
+settings have changed since stops the run with one line naming them; ``--compare.overwrite
+true`` recomputes the listed methods instead.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from hones.run_defaults import default_callbacks
 from hones.steering.cli import ConfigReader, read_config
 from hones.steering.methods import SteeringMethod, factor_to_scale, get_method
 from hones.steering.module import SteeringModule
+from hones.steering.resume import FitCheckpoint
 
 # HonesDataModule arguments an OOD set inherits from the in-distribution data config.
 _SHARED_DATA_KEYS = ("batch_size", "num_workers", "seed", "n_neg", "lenient", "verify_images")
@@ -56,7 +63,7 @@ _SHARED_DATA_KEYS = ("batch_size", "num_workers", "seed", "n_neg", "lenient", "v
 _UNUSED_MODEL_KEYS = ("output_dir", "stats_threshold")
 _UNUSED_DATA_KEYS = ("num_workers",)
 _UNUSED_TRAINER_KEYS = ("logger", "enable_progress_bar", "enable_model_summary", "log_every_n_steps", "default_root_dir", "enable_checkpointing")
-_UNUSED_COMPARE_KEYS = ("output_dir", "methods", "overwrite")
+_UNUSED_COMPARE_KEYS = ("output_dir", "methods", "overwrite", "checkpoint_every_n_steps")
 # ... settings only the trained methods use ...
 _TRAINING_MODEL_KEYS = ("beta", "l2_weight", "lr", "min_lr_ratio", "weight_decay", "random_seed")
 _TRAINING_TRAINER_KEYS = (
@@ -207,7 +214,8 @@ class Comparison:
         return HonesDataModule(**{**shared, "task": task, "split": "test", "training": False, **self.settings["ood"]})
 
     def trainer(self, name: str, fit: bool = False) -> L.Trainer:
-        """A fresh trainer from the config (its own TensorBoard version, no checkpoints)."""
+        """A fresh trainer from the config (its own TensorBoard version; for a fit, the
+        method's ``FitCheckpoint`` instead of Lightning's checkpoints)."""
         init = self.reader.parser.instantiate(self.config)
         kwargs = dict(init["trainer"])
         kwargs["logger"] = TensorBoardLogger(
@@ -220,7 +228,27 @@ class Comparison:
         if fit:  # §5 trains a fixed schedule; evaluation follows the fit
             kwargs["limit_val_batches"] = 0
             kwargs["num_sanity_val_steps"] = 0
+            kwargs["callbacks"] = [c for c in kwargs["callbacks"] if not isinstance(c, FitCheckpoint)]
+            kwargs["callbacks"].append(self.fit_checkpoint(name))
         return L.Trainer(**kwargs)
+
+    def fit_checkpoint(self, name: str) -> FitCheckpoint:
+        """The resume checkpoint of method ``name``'s fit (``<output_dir>/<name>/checkpoints/``),
+        tagged with the method's fingerprint."""
+        every = int(self.settings.get("checkpoint_every_n_steps") or 0)
+        return FitCheckpoint(self.output_dir / name / "checkpoints", every_n_steps=every, tag=self.method_fingerprint(name))
+
+    def resumable_fit(self, name: str) -> str | None:
+        """The checkpoint to resume method ``name``'s fit from: its last one, if it was written with
+        the method's current settings; otherwise None (the fit starts over and overwrites it)."""
+        checkpoint = self.fit_checkpoint(name)
+        if not checkpoint.path.is_file():
+            return None
+        if FitCheckpoint.read_tag(checkpoint.path) == checkpoint.tag:
+            return str(checkpoint.path)
+        if is_global_zero():
+            print(f"compare: {name}: {checkpoint.path} was written with other settings; the fit starts over", flush=True)
+        return None
 
     def _seed(self) -> None:
         if isinstance(self.seed, int) and not isinstance(self.seed, bool):
@@ -274,7 +302,11 @@ class Comparison:
                     print(f"compare: {name} already finished ({self.state.path}); skipped", flush=True)
                 rows.append(self.state.record(stages[name])["info"])
                 continue
-            self._clear_logs(name)
+            resume = self.resumable_fit(name) if method.train else None
+            if resume is None:
+                self._clear_logs(name)
+            elif is_global_zero():
+                print(f"compare: {name}: resuming the fit from {resume}", flush=True)
             row: dict[str, Any] = {"method": name, "label": method.label, "trained": method.train}
             overrides: dict[str, Any] = {}
             if method.grid:
@@ -285,7 +317,7 @@ class Comparison:
             if method.train:
                 self._seed()
                 trainer = self.trainer(name, fit=True)
-                trainer.fit(module, datamodule=dev_train)
+                trainer.fit(module, datamodule=dev_train, ckpt_path=resume, weights_only=True)
                 row["scales"] = {kind: str(path) for kind, path in module.exported.items()}
             evaluator = self.trainer(name)
             module.eval_tag = "test"
@@ -300,6 +332,8 @@ class Comparison:
             self.state.mark_done(stages[name], fingerprint, row)
             if is_global_zero():
                 self.state.save()
+                if method.train:  # the row and the scales are kept; the resume checkpoint is done with
+                    shutil.rmtree(self.fit_checkpoint(name).dirpath, ignore_errors=True)
 
         summary = {
             "task": self.model_args["task"],

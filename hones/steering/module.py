@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,25 @@ def cosine_decay_factor(step: int, total_steps: int, floor: float = DEFAULT_MIN_
     """lr multiplier at optimiser step ``step``: cosine from 1 to ``floor`` over ``total_steps``."""
     progress = min(max(step, 0), total_steps) / max(total_steps, 1)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lazy_cosine_decay(total_steps: Callable[[], float], floor: float = DEFAULT_MIN_LR_RATIO) -> Callable[[int], float]:
+    """``cosine_decay_factor`` whose length ``total_steps()`` is read once, at the first step
+    after 0 (step 0 is 1.0 whatever the length). A plain function on purpose: ``LambdaLR``
+    checkpoints the ``__dict__`` of callable objects, and this one holds the Trainer."""
+    length: list[int] = []
+
+    def factor(step: int) -> float:
+        if step <= 0:
+            return 1.0
+        if not length:
+            total = total_steps()
+            if not math.isfinite(total):
+                raise ValueError("set trainer max_epochs or max_steps: the cosine schedule needs a length")
+            length.append(int(total))
+        return cosine_decay_factor(step, length[0], floor)
+
+    return factor
 
 
 class SteeringModule(AdapterHost, EpochScoring, L.LightningModule):
@@ -226,11 +244,14 @@ class SteeringModule(AdapterHost, EpochScoring, L.LightningModule):
             raise RuntimeError("steer=False (Base) has nothing to optimise")
         hp = self.hparams
         optimizer = torch.optim.AdamW([self.scaler.s], lr=hp.lr, weight_decay=hp.weight_decay)
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
+        trainer = self.trainer
+        if trainer.max_steps == -1 and trainer.max_epochs in (None, -1):
             raise ValueError("set trainer max_epochs or max_steps: the cosine schedule needs a length")
+        # The length is read at the first step, not here: reading estimated_stepping_batches in
+        # configure_optimizers builds the training loader before a resumed fit restores its state,
+        # so the loader would not resume (Lightning issue #20550; hones.data.resumable).
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, partial(cosine_decay_factor, total_steps=int(total), floor=hp.min_lr_ratio)
+            optimizer, lazy_cosine_decay(lambda: trainer.estimated_stepping_batches, hp.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
