@@ -45,11 +45,17 @@ def _epochs(loader: ResumableLoader, epochs: int, limit: int = 4) -> list[list[i
     return out
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_loader_order_is_dataloader_shuffle_order(workers: int) -> None:
-    """The order of DataLoader(shuffle=True, generator=g) with num_workers=0, for any num_workers."""
-    plain = torch.utils.data.DataLoader(range(10), batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(0))
-    assert _epochs(_loader(workers=workers), 3) == [batch.tolist() for _ in range(3) for batch in plain]
+@pytest.mark.parametrize("n", [10, 12])  # a last batch of 1, a full last batch
+@pytest.mark.parametrize("limit", [4, 2])  # batches taken per epoch (Lightning's limit_train_batches)
+def test_loader_order_is_dataloader_shuffle_order(n: int, limit: int) -> None:
+    """The order of DataLoader(shuffle=True, generator=g, num_workers=0) taken as Lightning takes
+    it (no batch past the epoch's limit), for any num_workers; the documented exception is a
+    limit that cuts an epoch with a partial last batch."""
+    plain = torch.utils.data.DataLoader(range(n), batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(0))
+    reference = _epochs(plain, 3, limit)  # type: ignore[arg-type]
+    orders = [_epochs(_loader(n, workers=workers), 3, limit) for workers in (0, 1)]
+    assert orders[0] == orders[1]
+    assert (orders[0] == reference) is not (limit < 4 and n % 3 != 0)
 
 
 @pytest.mark.parametrize("n", [10, 12])  # a last batch of 1, a full last batch
@@ -78,11 +84,20 @@ def test_loader_resumes_at_the_saved_batch(n: int, workers: int, ahead: int, epo
     assert resumed == reference[done : done + len(resumed)] and len(resumed) == 2 * limit - trained
 
 
+def test_loader_refuses_another_layout() -> None:
+    state = _loader(trained=lambda: (1, False)).state_dict()
+    assert (state["items"], state["batch_size"], state["processes"]) == (10, 3, 1)
+    with pytest.raises(ValueError, match=r"other items: 10 -> 12; resume with the same data and processes, or remove the checkpoint"):
+        _loader(12).load_state_dict(state)
+
+
 def test_loader_state_errors() -> None:
     with pytest.raises(RuntimeError, match="no trained\\(\\) count"):
         _loader().state_dict()
     with pytest.raises(ValueError, match="lacks \\['epoch'\\]"):
-        _loader().load_state_dict({"batches": 1, "epoch_done": False, "generator": None, "generator_after": None})
+        _loader().load_state_dict(
+            {"batches": 1, "epoch_done": False, "generator": None, "generator_after": None, "items": 10, "batch_size": 3, "processes": 1}
+        )
     with pytest.raises(TypeError, match="ResumableBatchSampler"):
         ResumableLoader(range(4), batch_size=2)
 
@@ -205,27 +220,35 @@ def test_stopped_fit_resumes_to_the_same_scales(
     assert not torch.equal(full.scaler.s, torch.zeros_like(full.scaler.s))
 
 
+class StopInValidation(L.Callback):
+    """SIGTERM to this process after a validation batch (the sanity check's too)."""
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 @pytest.mark.slow
-def test_a_new_fit_removes_an_earlier_checkpoint(world: dict[str, Any], tmp_path: Path, sigterm_restored: None) -> None:
-    """A fit not resumed from the folder's last.ckpt removes it at its start, so a stop before its
-    own first save leaves nothing to resume by mistake; the warning says so."""
+@pytest.mark.parametrize("when", ["training", "sanity check"])
+def test_a_new_fit_removes_an_earlier_checkpoint(world: dict[str, Any], tmp_path: Path, sigterm_restored: None, when: str) -> None:
+    """A fit not resumed from the folder's last.ckpt removes it once it has started (the sanity
+    check, else the training), so a stop before its own first save leaves nothing to resume by
+    mistake; the warning says so."""
     ckpt = FitCheckpoint(tmp_path / "ckpt", every_n_steps=0)
     ckpt.dirpath.mkdir()
     ckpt.path.write_bytes(b"an earlier fit's checkpoint")
+    if when == "training":  # after batch 1 of an accumulation window of 2
+        stop, options = StopAt(0, 0), {}
+    else:
+        stop, options = StopInValidation(), {"num_sanity_val_steps": 1, "limit_val_batches": 1}
     with pytest.raises(SystemExit), pytest.warns(UserWarning, match="saved no checkpoint yet, so a rerun starts over"):
-        _fit(world, tmp_path / "out", [ckpt, StopAt(0, 0)])  # after batch 1 of an accumulation window of 2
+        _fit(world, tmp_path / "out", [ckpt, stop], **options)
     assert not ckpt.path.exists()
 
 
 @pytest.mark.slow
 def test_sigterm_during_validation_in_fit_warns(world: dict[str, Any], tmp_path: Path, sigterm_restored: None) -> None:
     """The epoch-end validation is not saved: the warning names what a resume does instead."""
-
-    class StopInValidation(L.Callback):
-        def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-            os.kill(os.getpid(), signal.SIGTERM)
-
     ckpt = FitCheckpoint(tmp_path / "ckpt", every_n_steps=0)
-    with pytest.raises(SystemExit), pytest.warns(UserWarning, match="during validation in epoch 0; a resume continues"):
+    with pytest.raises(SystemExit), pytest.warns(UserWarning, match="during validation in epoch 0; nothing saved, a resume continues the training after this validation"):
         _fit(world, tmp_path / "out", [ckpt, StopInValidation()], limit_val_batches=2)
     assert torch.load(ckpt.path, weights_only=True)["epoch"] == 0  # the save after epoch 1's last batch

@@ -14,17 +14,21 @@ keeps there:
   epoch 1 having drawn), and ``generator_after``, its state now (where the next epoch
   draws from when the saved epoch had ended);
 - ``epoch``: the epoch of a sampler with ``set_epoch`` (Lightning's ``DistributedSampler``
-  under DDP, which Lightning sets only after the resumed loader has been iterated).
+  under DDP, which Lightning sets only after the resumed loader has been iterated);
+- ``items``, ``batch_size``, ``processes``: a resume with other values stops with a
+  ``ValueError`` (the saved position would name other batches).
 
 The next pass after ``load_state_dict`` draws the same permutation and skips the batches
 already trained on, by index (no item is loaded for them), or, when the saved epoch had
 ended, starts the next epoch as the uninterrupted fit did. So the resumed fit trains on
 the batches an uninterrupted one would have, in the same order.
 
-The order is that of ``DataLoader(dataset, shuffle=True, generator=g)`` with
-``num_workers=0`` (which draws its workers' base seed from ``g`` before each epoch's
-permutation), whatever ``num_workers`` is: ``ResumableBatchSampler`` makes that draw
-itself, and the loader is given a generator of its own for the workers' seeds.
+The order is the one ``DataLoader(dataset, shuffle=True, generator=g)`` with
+``num_workers=0`` gives a Lightning fit (it draws its workers' base seed from ``g`` before
+each epoch's permutation), whatever ``num_workers`` is: ``ResumableBatchSampler`` makes
+the generator's draws itself, at each epoch's start, and the loader is given a generator
+of its own for the workers' seeds. (One exception: with ``limit_train_batches`` cutting
+an epoch whose last batch is partial, that loader skips one draw that this one makes.)
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
 STATE_KEYS = ("batches", "epoch_done", "generator", "generator_after", "epoch")
+LAYOUT_KEYS = ("items", "batch_size", "processes")
 
 
 class ResumableBatchSampler(BatchSampler):
@@ -69,9 +74,30 @@ class ResumableBatchSampler(BatchSampler):
         self.epoch_start_generator = None if generator is None else generator.get_state()
         if generator is not None:  # the base-seed draw of DataLoader(shuffle=True, generator=g), num_workers=0
             torch.empty((), dtype=torch.int64).random_(generator=generator)
-        for index, batch in enumerate(super().__iter__()):
+        indices = self._epoch_indices()
+        size = self.batch_size
+        stop = len(indices) - len(indices) % size if self.drop_last else len(indices)
+        for index, start in enumerate(range(0, stop, size)):
             if index >= skip:
-                yield batch
+                yield indices[start : start + size]
+
+    def _epoch_indices(self) -> list[int]:
+        """The epoch's indices, drawn whole at its start, so that the generator's draws do not depend
+        on how far ahead the batches are fetched (DataLoader workers fetch past a Trainer's last batch).
+
+        A ``RandomSampler`` (no replacement) draws ``randperm(n)`` and, once iterated past its end,
+        one more for its empty remainder. A one-process loader whose batches are taken up to the
+        last one, as Lightning takes them, gets there only to fill a last, partial batch; that
+        draw is made here in that case, and only then."""
+        sampler = self.sampler
+        generator = self.generator
+        n = len(sampler)  # type: ignore[arg-type]
+        if isinstance(sampler, RandomSampler) and generator is not None and not sampler.replacement and n == len(sampler.data_source):
+            order = torch.randperm(n, generator=generator).tolist()
+            if not self.drop_last and n % self.batch_size:
+                torch.randperm(n, generator=generator)
+            return order
+        return list(sampler)
 
     def _restore(self, state: dict[str, Any]) -> int:
         """Put the generator and the sampler's epoch where ``state`` says; the batches to skip."""
@@ -121,6 +147,7 @@ class ResumableLoader(DataLoader):
         batches, epoch_done = self.trained()
         generator = sampler.generator
         return {
+            **self.layout(),
             "batches": int(batches),
             "epoch_done": bool(epoch_done),
             "generator": sampler.epoch_start_generator,
@@ -128,11 +155,29 @@ class ResumableLoader(DataLoader):
             "epoch": getattr(sampler.sampler, "epoch", None),
         }
 
+    def layout(self) -> dict[str, int]:
+        """What a saved position depends on: the items, the batch size and the processes sharing them."""
+        sampler = self.batch_sampler
+        assert isinstance(sampler, ResumableBatchSampler)
+        return {
+            "items": len(self.dataset),  # type: ignore[arg-type]
+            "batch_size": int(sampler.batch_size),
+            "processes": int(getattr(sampler.sampler, "num_replicas", 1)),
+        }
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Make the next pass resume the saved position."""
-        missing = [key for key in STATE_KEYS if key not in state]
+        """Make the next pass resume the saved position; ``ValueError`` when the items, the batch size
+        or the process count differ from the checkpoint's (the position would mean other batches)."""
+        missing = [key for key in (*STATE_KEYS, *LAYOUT_KEYS) if key not in state]
         if missing:
             raise ValueError(f"ResumableLoader.load_state_dict: the checkpoint's loader state lacks {missing}")
+        now = self.layout()
+        changed = [f"{key}: {state[key]} -> {now[key]}" for key in LAYOUT_KEYS if state[key] != now[key]]
+        if changed:
+            raise ValueError(
+                "ResumableLoader.load_state_dict: the checkpoint's training loader had other "
+                f"{', '.join(changed)}; resume with the same data and processes, or remove the checkpoint to start the fit over"
+            )
         sampler = self.batch_sampler
         assert isinstance(sampler, ResumableBatchSampler)
         sampler.resume_from(state)

@@ -11,7 +11,9 @@ Trainer defaults are the paper's (HONES_METHOD §5): 2 epochs, gradient accumula
 gradient-norm clip 1.0; the logger is TensorBoard with ``default_hp_metric=False``.
 ``fit`` keeps a resume checkpoint, ``<model.output_dir>/checkpoints/last.ckpt``
 (``hones.steering.resume``): ``train.py fit --config ... --ckpt_path <that file>``
-continues an interrupted fit to the scales an uninterrupted one gives.
+continues an interrupted fit to the scales an uninterrupted one gives. Lightning's own
+epoch-end checkpoints (under the TensorBoard version folder) are restored by Lightning
+without the training loader's position, so a resume from one of them is not exact.
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -51,6 +53,7 @@ class FitCheckpoint(Callback):
         self.tag = tag
         self._saved_at: tuple[int, int] | None = None  # (epoch, processed batches) of this fit's last save
         self._resumed = False  # this fit started from self.path
+        self._started = False  # _start has run for the current fit
 
     @property
     def path(self) -> Path:
@@ -67,10 +70,25 @@ class FitCheckpoint(Callback):
         if (last or periodic) and self._at_step_boundary(trainer):
             self.save(trainer)
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._started = False
+
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start(trainer)
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # A fit not resumed from this folder's checkpoint makes it stale: remove it now, so that a
-        # stop before this fit's first save leaves nothing to resume by mistake.
-        self._resumed = trainer.ckpt_path is not None and Path(trainer.ckpt_path).resolve() == self.path.resolve()
+        self._start(trainer)
+
+    def _start(self, trainer: Trainer) -> None:
+        """Once per fit, after any checkpoint has been restored (the sanity check, else the training).
+        A fit not resumed from this folder's checkpoint makes it stale: it is removed, so that a
+        stop before this fit's first save leaves nothing to resume by mistake."""
+        if self._started:
+            return
+        self._started = True
+        self._saved_at = None
+        resumed_from = trainer.ckpt_path
+        self._resumed = bool(resumed_from) and self.path.is_file() and os.path.samefile(str(resumed_from), self.path)
         if not self._resumed and trainer.is_global_zero and self.path.is_file():
             self.path.unlink()
             rank_zero_info(f"FitCheckpoint: removed {self.path}, left by an earlier fit")
@@ -79,21 +97,43 @@ class FitCheckpoint(Callback):
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
         processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if not trainer.training:  # validation inside the fit, after a training batch that was saved or not
+        if not trainer.training:  # validation inside the fit (or its sanity check)
+            if self._saved_at == (trainer.current_epoch, processed) and processed:
+                then = "continues the training after this validation, without running it again"
+            else:
+                then = "starts from the last checkpoint"
             rank_zero_warn(
-                f"FitCheckpoint: SIGTERM during validation in epoch {trainer.current_epoch}; a resume continues the "
-                f"training after it without running that validation again ({self._last_saved()})"
+                f"FitCheckpoint: SIGTERM during validation in epoch {trainer.current_epoch}; nothing saved, a resume "
+                f"{then} ({self._last_saved()})"
             )
             return
         if processed == trainer.num_training_batches:
             return  # the epoch's last batch was saved in on_train_batch_end; the epoch may count as ended now
         if self._at_step_boundary(trainer):
-            self.save(trainer, collective=False)
+            unsafe = self._unsafe_alone(trainer)
+            if unsafe is None:
+                self.save(trainer, collective=False)
+            else:
+                rank_zero_warn(f"FitCheckpoint: SIGTERM save skipped: {unsafe} ({self._last_saved()})")
             return
         rank_zero_warn(
             f"FitCheckpoint: SIGTERM came after batch {processed} of epoch {trainer.current_epoch}, inside an "
             f"accumulation window of {trainer.accumulate_grad_batches} batches; nothing saved ({self._last_saved()})"
         )
+
+    @staticmethod
+    def _unsafe_alone(trainer: Trainer) -> str | None:
+        """Why rank 0 cannot write a checkpoint alone here (None: it can). A sharded strategy or
+        optimiser gathers state from every rank, and an asynchronous writer would still be
+        writing when the file is renamed."""
+        strategy = trainer.strategy
+        if type(strategy) not in (SingleDeviceStrategy, DDPStrategy):
+            return f"{type(strategy).__name__} may gather state from every rank"
+        if any(hasattr(optimizer, "consolidate_state_dict") for optimizer in trainer.optimizers):
+            return "a sharded optimiser gathers state from every rank"
+        if isinstance(strategy.checkpoint_io, AsyncCheckpointIO):
+            return "an asynchronous checkpoint writer"
+        return None
 
     def _last_saved(self) -> str:
         """Where a resume would start from, in words."""
