@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
             from hones.steering.cli import SteeringCLI
             from hones.steering.module import SteeringModule
 
-            SteeringCLI(SteeringModule, HonesDataModule, args=argv)
+            # a run without a logger writes config.yaml to the working folder: let the next one overwrite it
+            SteeringCLI(SteeringModule, HonesDataModule, args=argv, save_config_kwargs={"overwrite": True})
     except BankError as error:
         sys.exit(f"train.py: {error}")
 
