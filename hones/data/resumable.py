@@ -137,7 +137,7 @@ class ResumableLoader(DataLoader):
         return super().__iter__()
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"batches", "epoch_done", "generator", "generator_after", "epoch"}`` (module docstring)."""
+        """The position (``STATE_KEYS``) and the layout (``LAYOUT_KEYS``); see the module docstring."""
         sampler = self.batch_sampler
         assert isinstance(sampler, ResumableBatchSampler)
         if sampler.pending is not None:  # loaded, not iterated yet: still that position

@@ -40,6 +40,11 @@ LAST = "last.ckpt"
 TAG_KEY = "hones_fit_tag"  # JSON text of FitCheckpoint.tag
 
 
+def _processed(trainer: Trainer) -> int:
+    """The batches of the current epoch the fit loop has processed."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+
 class FitCheckpoint(Callback):
     """Keeps ``<dirpath>/last.ckpt`` (see the module docstring); ``every_n_steps`` 0 writes
     only at epoch ends and on SIGTERM. ``tag`` (JSON data, e.g. the settings the fit depends
@@ -65,7 +70,7 @@ class FitCheckpoint(Callback):
         # restores an epoch it counts as finished without the loader's state, and the next
         # epoch's order would then not be the one an uninterrupted fit draws.
         step = trainer.global_step
-        last = trainer.fit_loop.epoch_loop.batch_progress.current.processed == trainer.num_training_batches
+        last = _processed(trainer) == trainer.num_training_batches
         periodic = self.every_n_steps and step and step % self.every_n_steps == 0
         if (last or periodic) and self._at_step_boundary(trainer):
             self.save(trainer)
@@ -96,7 +101,7 @@ class FitCheckpoint(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
-        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        processed = _processed(trainer)
         if not trainer.training:  # validation inside the fit (or its sanity check)
             if self._saved_at == (trainer.current_epoch, processed) and processed:
                 then = "continues the training after this validation, without running it again"
@@ -157,7 +162,7 @@ class FitCheckpoint(Callback):
     @staticmethod
     def _at_step_boundary(trainer: Trainer) -> bool:
         """True when the batches trained so far this epoch have all reached an optimiser step."""
-        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        processed = _processed(trainer)
         return processed % trainer.accumulate_grad_batches == 0 or processed == trainer.num_training_batches
 
     def save(self, trainer: Trainer, collective: bool = True) -> None:
@@ -165,7 +170,7 @@ class FitCheckpoint(Callback):
         at the same batch (Lightning's save, which ends with a barrier; rank 0 writes); otherwise
         rank 0 writes alone, without any collective (a SIGTERM reaches ranks at different batches,
         and a barrier there could wait forever). Under DDP rank 0's state is every rank's."""
-        position = (trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        position = (trainer.current_epoch, _processed(trainer))
         if position == self._saved_at:
             return
         partial = self.dirpath / f".{LAST}.partial"
