@@ -55,7 +55,7 @@ from hones.run_defaults import default_callbacks
 from hones.steering.cli import ConfigReader, read_config
 from hones.steering.methods import SteeringMethod, factor_to_scale, get_method
 from hones.steering.module import SteeringModule
-from hones.steering.resume import FitCheckpoint
+from hones.steering.resume import LAST, FitCheckpoint
 
 # HonesDataModule arguments an OOD set inherits from the in-distribution data config.
 _SHARED_DATA_KEYS = ("batch_size", "num_workers", "seed", "n_neg", "lenient", "verify_images")
@@ -232,22 +232,26 @@ class Comparison:
             kwargs["callbacks"].append(self.fit_checkpoint(name))
         return L.Trainer(**kwargs)
 
-    def fit_checkpoint(self, name: str) -> FitCheckpoint:
-        """The resume checkpoint of method ``name``'s fit (``<output_dir>/<name>/checkpoints/``),
-        tagged with the method's fingerprint."""
-        every = int(self.settings.get("checkpoint_every_n_steps") or 0)
-        return FitCheckpoint(self.output_dir / name / "checkpoints", every_n_steps=every, tag=self.method_fingerprint(name))
+    def checkpoint_dir(self, name: str) -> Path:
+        """Where method ``name``'s fit keeps its resume checkpoint."""
+        return self.output_dir / name / "checkpoints"
 
-    def resumable_fit(self, name: str) -> str | None:
+    def fit_checkpoint(self, name: str) -> FitCheckpoint:
+        """The resume checkpoint of method ``name``'s fit, tagged with the method's fingerprint."""
+        every = int(self.settings.get("checkpoint_every_n_steps") or 0)
+        return FitCheckpoint(self.checkpoint_dir(name), every_n_steps=every, tag=self.method_fingerprint(name))
+
+    def resumable_fit(self, name: str, fingerprint: dict[str, Any]) -> str | None:
         """The checkpoint to resume method ``name``'s fit from: its last one, if it was written with
-        the method's current settings; otherwise None (the fit starts over and overwrites it)."""
-        checkpoint = self.fit_checkpoint(name)
-        if not checkpoint.path.is_file():
+        ``fingerprint`` (the method's current settings); otherwise None (the fit starts over and
+        overwrites it)."""
+        path = self.checkpoint_dir(name) / LAST
+        if not path.is_file():
             return None
-        if FitCheckpoint.read_tag(checkpoint.path) == checkpoint.tag:
-            return str(checkpoint.path)
+        if FitCheckpoint.read_tag(path) == fingerprint:
+            return str(path)
         if is_global_zero():
-            print(f"compare: {name}: {checkpoint.path} was written with other settings; the fit starts over", flush=True)
+            print(f"compare: {name}: {path} was written with other settings; the fit starts over", flush=True)
         return None
 
     def _seed(self) -> None:
@@ -302,7 +306,7 @@ class Comparison:
                     print(f"compare: {name} already finished ({self.state.path}); skipped", flush=True)
                 rows.append(self.state.record(stages[name])["info"])
                 continue
-            resume = self.resumable_fit(name) if method.train else None
+            resume = self.resumable_fit(name, fingerprint) if method.train else None
             if resume is None:
                 self._clear_logs(name)
             elif is_global_zero():
@@ -333,7 +337,7 @@ class Comparison:
             if is_global_zero():
                 self.state.save()
                 if method.train:  # the row and the scales are kept; the resume checkpoint is done with
-                    shutil.rmtree(self.fit_checkpoint(name).dirpath, ignore_errors=True)
+                    shutil.rmtree(self.checkpoint_dir(name), ignore_errors=True)
 
         summary = {
             "task": self.model_args["task"],
