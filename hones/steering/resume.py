@@ -7,10 +7,12 @@ compare`` does it by itself) continues where the fit stopped and ends with the s
 an uninterrupted fit gives. It is written
 
 - every ``every_n_steps`` optimiser steps and after the last batch of each training epoch;
-- when SIGTERM stops the fit (preemption, ``scancel``, ``timeout``; Lightning stops
-  after the batch in flight), if no gradient is being accumulated then. Mid-way through
-  an accumulation window the summed gradients are not part of any checkpoint, so nothing
-  is written and the resume starts from the last periodic checkpoint (a warning says so).
+- when the fit stops on an exception during training: SIGTERM (preemption, ``scancel``,
+  ``timeout``; Lightning stops after the batch in flight), Ctrl+C, or an error. What is
+  written then is the state after the last optimiser step, which rank 0 keeps in host
+  memory (``keep_step_state``): mid-way through an accumulation window the summed
+  gradients are part of no checkpoint, so the resume trains that window's batches again,
+  in the same order, and ends with the same scales.
 
 The file is a Lightning checkpoint: only the scales ``s`` of the model (``SteeringModule``
 checkpoints its scaler alone), the optimiser and schedule, the loops' progress and the
@@ -22,10 +24,11 @@ resume file, not an artifact to share (the scales are exported as JSON and safet
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -47,16 +50,22 @@ def _processed(trainer: Trainer) -> int:
 
 class FitCheckpoint(Callback):
     """Keeps ``<dirpath>/last.ckpt`` (see the module docstring); ``every_n_steps`` 0 writes
-    only at epoch ends and on SIGTERM. ``tag`` (JSON data, e.g. the settings the fit depends
-    on) is stored in the checkpoint, for ``read_tag`` to check before resuming."""
+    only at epoch ends and when the fit stops. ``tag`` (JSON data, e.g. the settings the fit
+    depends on) is stored in the checkpoint, for ``read_tag`` to check before resuming.
+    ``keep_step_state``: rank 0 serialises the checkpoint after every optimiser step into host
+    memory, to write it if the fit stops before the next save. That is cheap for a steering
+    fit (the scales and their optimiser state); turn it off for a module whose checkpoint is
+    large, and a stop then writes only at a step boundary, and only on SIGTERM."""
 
-    def __init__(self, dirpath: str | Path, every_n_steps: int = 50, tag: Any = None) -> None:
+    def __init__(self, dirpath: str | Path, every_n_steps: int = 50, tag: Any = None, keep_step_state: bool = True) -> None:
         if every_n_steps < 0:
             raise ValueError(f"FitCheckpoint: every_n_steps must be >= 0, got {every_n_steps}")
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.tag = tag
+        self.keep_step_state = keep_step_state
         self._saved_at: tuple[int, int] | None = None  # (epoch, processed batches) of this fit's last save
+        self._step_state: tuple[tuple[int, int], bytes] | None = None  # rank 0: (position, checkpoint) after the last step
         self._resumed = False  # this fit started from self.path
         self._started = False  # _start has run for the current fit
 
@@ -69,11 +78,17 @@ class FitCheckpoint(Callback):
         # The epoch's end is saved here, at its last batch, not in on_train_epoch_end: Lightning
         # restores an epoch it counts as finished without the loader's state, and the next
         # epoch's order would then not be the one an uninterrupted fit draws.
+        if not self._at_step_boundary(trainer):
+            return
         step = trainer.global_step
         last = _processed(trainer) == trainer.num_training_batches
         periodic = self.every_n_steps and step and step % self.every_n_steps == 0
-        if (last or periodic) and self._at_step_boundary(trainer):
+        if last or periodic:
             self.save(trainer)
+        elif self.keep_step_state and trainer.is_global_zero and self._unsafe_alone(trainer) is None:
+            buffer = io.BytesIO()  # serialised now: the live optimiser state changes in place at the next step
+            torch.save(trainer._checkpoint_connector.dump_checkpoint(weights_only=False), buffer)
+            self._step_state = (self._position(trainer), buffer.getvalue())
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._started = False
@@ -91,7 +106,7 @@ class FitCheckpoint(Callback):
         if self._started:
             return
         self._started = True
-        self._saved_at = None
+        self._saved_at = self._step_state = None
         resumed_from = trainer.ckpt_path
         self._resumed = bool(resumed_from) and self.path.is_file() and os.path.samefile(str(resumed_from), self.path)
         if not self._resumed and trainer.is_global_zero and self.path.is_file():
@@ -99,32 +114,50 @@ class FitCheckpoint(Callback):
             rank_zero_info(f"FitCheckpoint: removed {self.path}, left by an earlier fit")
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+        if trainer.state.fn != TrainerFn.FITTING or not self._started:
             return
+        sigterm = isinstance(exception, SIGTERMException)
+        what = "SIGTERM" if sigterm else type(exception).__name__
         processed = _processed(trainer)
+        epoch_ended = processed == trainer.num_training_batches  # saved at its last batch; may count as ended now
+        kept = self.keep_step_state and self._unsafe_alone(trainer) is None  # rank 0 kept every step's state
+        if self._write_step_state(trainer) or (kept and trainer.training):
+            if trainer.training:
+                rank_zero_info(f"FitCheckpoint: {what}; a resume continues after the last optimiser step: {self._last_saved()}")
+        elif sigterm and trainer.training and self._at_step_boundary(trainer) and not epoch_ended:
+            unsafe = self._unsafe_alone(trainer)
+            if unsafe is None:  # keep_step_state off: the state now is a step's
+                self.save(trainer, collective=False)
+            else:
+                rank_zero_warn(f"FitCheckpoint: SIGTERM save skipped: {unsafe} ({self._last_saved()})")
+        elif trainer.training and not epoch_ended and (sigterm or not self.keep_step_state):
+            rank_zero_warn(
+                f"FitCheckpoint: {what} after batch {processed} of epoch {trainer.current_epoch}; nothing saved "
+                f"({self._last_saved()})"
+            )
         if not trainer.training:  # validation inside the fit (or its sanity check)
-            if self._saved_at == (trainer.current_epoch, processed) and processed:
+            if self._saved_at == self._position(trainer) and processed:
                 then = "continues the training after this validation, without running it again"
             else:
                 then = "starts from the last checkpoint"
             rank_zero_warn(
-                f"FitCheckpoint: SIGTERM during validation in epoch {trainer.current_epoch}; nothing saved, a resume "
-                f"{then} ({self._last_saved()})"
+                f"FitCheckpoint: {what} during validation in epoch {trainer.current_epoch}; a resume {then} "
+                f"({self._last_saved()})"
             )
-            return
-        if processed == trainer.num_training_batches:
-            return  # the epoch's last batch was saved in on_train_batch_end; the epoch may count as ended now
-        if self._at_step_boundary(trainer):
-            unsafe = self._unsafe_alone(trainer)
-            if unsafe is None:
-                self.save(trainer, collective=False)
-            else:
-                rank_zero_warn(f"FitCheckpoint: SIGTERM save skipped: {unsafe} ({self._last_saved()})")
-            return
-        rank_zero_warn(
-            f"FitCheckpoint: SIGTERM came after batch {processed} of epoch {trainer.current_epoch}, inside an "
-            f"accumulation window of {trainer.accumulate_grad_batches} batches; nothing saved ({self._last_saved()})"
-        )
+
+    def _write_step_state(self, trainer: Trainer) -> bool:
+        """Rank 0: write the state kept after the last optimiser step, if it is newer than the
+        last save (alone, no collective: see ``save``). True when written."""
+        if self._step_state is None or not trainer.is_global_zero:
+            return False
+        position, data = self._step_state
+        self._step_state = None
+        if position == self._saved_at:
+            return False
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)  # this process's own bytes
+        self._write(trainer, partial=lambda path: trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path))
+        self._saved_at = position
+        return True
 
     @staticmethod
     def _unsafe_alone(trainer: Trainer) -> str | None:
@@ -165,26 +198,39 @@ class FitCheckpoint(Callback):
         processed = _processed(trainer)
         return processed % trainer.accumulate_grad_batches == 0 or processed == trainer.num_training_batches
 
+    @staticmethod
+    def _position(trainer: Trainer) -> tuple[int, int]:
+        """(epoch, batches of it processed): what a checkpoint written now resumes from."""
+        return trainer.current_epoch, _processed(trainer)
+
     def save(self, trainer: Trainer, collective: bool = True) -> None:
         """Write ``last.ckpt`` atomically, once per position. ``collective``: every rank calls this
         at the same batch (Lightning's save, which ends with a barrier; rank 0 writes); otherwise
         rank 0 writes alone, without any collective (a SIGTERM reaches ranks at different batches,
         and a barrier there could wait forever). Under DDP rank 0's state is every rank's."""
-        position = (trainer.current_epoch, _processed(trainer))
+        position = self._position(trainer)
         if position == self._saved_at:
             return
-        partial = self.dirpath / f".{LAST}.partial"
+        if collective:
+            self._write(trainer, partial=lambda path: trainer.save_checkpoint(path, weights_only=False), collective=True)
+        else:
+            # Trainer.save_checkpoint without its barrier (a sharded strategy would need every rank here)
+            self._write(trainer, partial=lambda path: trainer.strategy.checkpoint_io.save_checkpoint(
+                trainer._checkpoint_connector.dump_checkpoint(weights_only=False), path))  # fmt: skip
+        self._saved_at = position
+        self._step_state = None
+
+    def _write(self, trainer: Trainer, partial: Callable[[Path], None], collective: bool = False) -> None:
+        """``partial(path)`` writes the checkpoint to a temporary name, which rank 0 renames to
+        ``last.ckpt``: a kill while writing leaves the previous one whole. ``collective``: every
+        rank calls ``partial`` (``Trainer.save_checkpoint``, which ends with a barrier), else rank 0 alone."""
+        path = self.dirpath / f".{LAST}.partial"
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
-        if collective:
-            trainer.save_checkpoint(partial, weights_only=False)  # ends with a barrier: complete on rank 0
-        elif trainer.is_global_zero:
-            # Trainer.save_checkpoint without its barrier (a sharded strategy would need every rank here)
-            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, partial)
+        if collective or trainer.is_global_zero:
+            partial(path)
         if trainer.is_global_zero:
-            os.replace(partial, self.path)
-        self._saved_at = position
+            os.replace(path, self.path)
 
 
 __all__ = ["FitCheckpoint", "LAST"]
