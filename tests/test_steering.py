@@ -660,7 +660,7 @@ def test_compare_resumes_an_interrupted_fit(
 @pytest.mark.slow
 def test_train_py_fit_resumes_from_its_checkpoint(toy_run: dict[str, Path], tmp_path: Path) -> None:
     """``train.py fit`` stopped by SIGTERM in its second epoch, then rerun with ``--ckpt_path``:
-    the scales of an uninterrupted ``train.py fit``."""
+    the scales of an uninterrupted ``train.py fit``; a rerun with another setting is refused."""
     import os
     import subprocess
     import sys
@@ -686,3 +686,13 @@ def test_train_py_fit_resumes_from_its_checkpoint(toy_run: dict[str, Path], tmp_
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Restored all states from the checkpoint" in resumed.stderr
     assert torch.equal(load_scales(tmp_path / "run" / "scales.json").s, load_scales(tmp_path / "whole" / "scales.json").s)
+    stopped = fit(tmp_path / "other", *stop)
+    checkpoint = tmp_path / "other" / "checkpoints" / "last.ckpt"
+    assert stopped.returncode == 143 and checkpoint.is_file(), stopped.stderr[-2000:]
+    # another setting: refused, with one line naming it (LightningCLI would take the model's from the checkpoint)
+    other = fit(tmp_path / "other", "--ckpt_path", str(checkpoint), "--model.lr", "0.5")
+    assert other.returncode == 1 and "other model settings, which LightningCLI would use instead of the given ones (given -> " \
+        "stored: model.lr: 0.5 -> 0.05)" in other.stderr.splitlines()[-1], other.stderr[-2000:]
+    other = fit(tmp_path / "other", "--ckpt_path", str(checkpoint), "--trainer.gradient_clip_val", "0.5")
+    assert other.returncode == 1 and "was written by a fit with other settings (trainer.gradient_clip_val: 1.0 -> 0.5)" \
+        in other.stderr.splitlines()[-1], other.stderr[-2000:]

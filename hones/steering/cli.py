@@ -11,7 +11,9 @@ Trainer defaults are the paper's (HONES_METHOD §5): 2 epochs, gradient accumula
 gradient-norm clip 1.0; the logger is TensorBoard with ``default_hp_metric=False``.
 ``fit`` keeps a resume checkpoint, ``<model.output_dir>/checkpoints/last.ckpt``
 (``hones.steering.resume``): ``train.py fit --config ... --ckpt_path <that file>``
-continues an interrupted fit to the scales an uninterrupted one gives. Lightning's own
+continues an interrupted fit to the scales an uninterrupted one gives. The checkpoint is
+tagged with the fit's settings (``hones.steering.fingerprint.fit_fingerprint``); a resume
+with other settings stops with one line naming them. Lightning's own
 epoch-end checkpoints (under the TensorBoard version folder) are restored by Lightning
 without the training loader's position, so a resume from one of them is not exact.
 """
@@ -29,7 +31,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from jsonargparse import lazy_instance
 
 from hones.run_defaults import HonesCLI
-from hones.steering.resume import FitCheckpoint
+from hones.attribution.settings import fingerprint_differences
+from hones.steering.fingerprint import fit_fingerprint, jsonable, plain, without
+from hones.steering.resume import FitCheckpoint, ResumeSettingsError
 from hones.steering.methods import GRID_FACTORS, METHOD_NAMES
 
 # §5: 2 epochs, gradient accumulation 4, gradient-norm clip 1.0.
@@ -95,6 +99,28 @@ class SteeringCLI(HonesCLI):
         )
 
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        self._model_given = plain(self.config[subcommand].model) if subcommand else None
+
+    def before_instantiate_classes(self) -> None:
+        """With ``--ckpt_path``, LightningCLI replaces the ``model`` settings by those stored in the
+        checkpoint (its ``hyper_parameters``), silently. A given setting that the checkpoint
+        overrides stops the run here instead, naming it."""
+        super().before_instantiate_classes()
+        subcommand = self.config.get("subcommand")
+        if not subcommand or self._model_given is None or not self.config[subcommand].get("ckpt_path"):
+            return
+        given, used = (jsonable(without(m, ("adapter_factory",))) for m in (self._model_given, plain(self.config[subcommand].model)))
+        differences = fingerprint_differences(given, used, "model")
+        if differences:
+            raise ResumeSettingsError(
+                f"{self.config[subcommand].ckpt_path} was written with other model settings, which LightningCLI would use "
+                f"instead of the given ones (given -> stored: {'; '.join(differences)}); rerun with the stored settings, "
+                "or start over without --ckpt_path"
+            )
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The usual Trainer; for ``fit``, also a ``FitCheckpoint`` in ``<model.output_dir>/checkpoints``
         (every ``FIT_CHECKPOINT_EVERY_N_STEPS`` optimiser steps, each epoch's last batch, SIGTERM)
@@ -102,7 +128,9 @@ class SteeringCLI(HonesCLI):
         trainer = super().instantiate_trainer(**kwargs)
         directory = getattr(self.model, "hparams", {}).get("output_dir")
         if self.subcommand == "fit" and directory and not any(isinstance(c, FitCheckpoint) for c in trainer.callbacks):
-            trainer.callbacks.append(FitCheckpoint(Path(directory) / "checkpoints", FIT_CHECKPOINT_EVERY_N_STEPS))
+            config = self.config[self.subcommand]
+            tag = fit_fingerprint(plain(config.model), plain(config.data), plain(config.trainer), config.get("seed_everything"))
+            trainer.callbacks.append(FitCheckpoint(Path(directory) / "checkpoints", FIT_CHECKPOINT_EVERY_N_STEPS, tag=tag))
         return trainer
 
 

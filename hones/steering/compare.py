@@ -33,9 +33,6 @@ true`` recomputes the listed methods instead.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import shutil
 import sys
 from functools import cached_property
@@ -53,31 +50,27 @@ from hones.attribution.settings import model_identity
 from hones.data.datamodule import HonesDataModule
 from hones.run_defaults import default_callbacks
 from hones.steering.cli import ConfigReader, read_config
+from hones.steering.fingerprint import (
+    PROCESS_TRAINER_KEYS,
+    STEERING_MODEL_KEYS,
+    TRAINING_MODEL_KEYS,
+    TRAINING_TRAINER_KEYS,
+    UNUSED_DATA_KEYS,
+    UNUSED_MODEL_KEYS,
+    UNUSED_TRAINER_KEYS,
+    file_digest,
+    jsonable,
+    normalised_paths,
+    plain,
+)
 from hones.steering.methods import SteeringMethod, factor_to_scale, get_method
 from hones.steering.module import SteeringModule
 from hones.steering.resume import LAST, FitCheckpoint
 
 # HonesDataModule arguments an OOD set inherits from the in-distribution data config.
 _SHARED_DATA_KEYS = ("batch_size", "num_workers", "seed", "n_neg", "lenient", "verify_images")
-# Settings no method's row depends on (left out of every fingerprint) ...
-_UNUSED_MODEL_KEYS = ("output_dir", "stats_threshold")
-_UNUSED_DATA_KEYS = ("num_workers",)
-_UNUSED_TRAINER_KEYS = ("logger", "enable_progress_bar", "enable_model_summary", "log_every_n_steps", "default_root_dir", "enable_checkpointing")
+# compare settings no method's row depends on (``hones.steering.fingerprint`` has the others).
 _UNUSED_COMPARE_KEYS = ("output_dir", "methods", "overwrite", "checkpoint_every_n_steps")
-# ... settings only the trained methods use ...
-_TRAINING_MODEL_KEYS = ("beta", "l2_weight", "lr", "min_lr_ratio", "weight_decay", "random_seed")
-_TRAINING_TRAINER_KEYS = (
-    "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "accumulate_grad_batches", "gradient_clip_val",
-    "gradient_clip_algorithm", "limit_train_batches", "limit_val_batches", "val_check_interval",
-    "check_val_every_n_epoch", "num_sanity_val_steps", "reload_dataloaders_every_n_epochs",
-)  # fmt: skip
-# The process count: evaluation gives the 1-process numbers on any number of processes
-# (docs/distributed.md), while a fit's global batch grows with it.
-_PROCESS_TRAINER_KEYS = ("devices", "num_nodes", "strategy", "sync_batchnorm")
-# ... and what the base model (no steering) does not use either.
-_STEERING_MODEL_KEYS = ("bank", "scales", "random_neurons", "init_scale", "scale_bound")
-# Path settings, compared after os.path.normpath ("./a/b" is "a/b").
-_PATH_KEYS = ("model", "bank", "scales", "annotation_file", "image_root", "split_file", "cache_dir", "test_split_file", "dev_split_file")
 
 
 class SharedAdapter:
@@ -93,48 +86,16 @@ class SharedAdapter:
         return self._adapter
 
 
-def _plain(namespace: Any) -> dict[str, Any]:
-    return namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace)
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` as plain JSON data (paths and other objects as strings)."""
-    return json.loads(json.dumps(value, default=str, sort_keys=True))
-
-
-def _normalised_paths(settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` with the path values of ``_PATH_KEYS`` normalised (nested dicts too), without
-    jsonargparse's ``__path__`` entries (the file a section came from, not a setting)."""
-    out: dict[str, Any] = {}
-    for key, value in settings.items():
-        if isinstance(key, str) and key.startswith("__"):
-            continue
-        if isinstance(value, dict):
-            value = _normalised_paths(value)
-        elif key in _PATH_KEYS and isinstance(value, str) and value:
-            value = os.path.normpath(value)
-        out[key] = value
-    return out
-
-
-def file_digest(path: str | None) -> str | None:
-    """SHA-256 of a file's bytes (None when there is no such file)."""
-    if path is None or not os.path.isfile(path):
-        return None
-    with open(path, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
-
-
 class Comparison:
     """Runs the methods of one parsed steering config (see the module docstring)."""
 
     def __init__(self, reader: ConfigReader, adapter_factory: Callable[[], Any] | None = None) -> None:
         self.reader = reader
         self.config = reader.config
-        self.settings = _plain(self.config.compare)
-        self.model_args = _plain(self.config.model)
+        self.settings = plain(self.config.compare)
+        self.model_args = plain(self.config.model)
         self.model_args.pop("adapter_factory", None)
-        self.data_args = _plain(self.config.data)
+        self.data_args = plain(self.config.data)
         if self.settings.get("test_split_file") is None:
             raise ValueError("compare.test_split_file is required: the methods are compared on the test split (§5)")
         self.output_dir = Path(self.settings["output_dir"])
@@ -161,28 +122,28 @@ class Comparison:
         schedule and process count for Base, Fixed-Amp and Grid-Search; the bank for Base; the
         factors for all but Grid-Search), so changing them does not invalidate its row."""
         method = get_method(name)
-        model = {k: v for k, v in {**self.model_args, **method.overrides}.items() if k not in _UNUSED_MODEL_KEYS}
-        trainer = {k: v for k, v in _plain(self.config.trainer).items() if k not in _UNUSED_TRAINER_KEYS}
+        model = {k: v for k, v in {**self.model_args, **method.overrides}.items() if k not in UNUSED_MODEL_KEYS}
+        trainer = {k: v for k, v in plain(self.config.trainer).items() if k not in UNUSED_TRAINER_KEYS}
         compare = {k: v for k, v in self.settings.items() if k not in _UNUSED_COMPARE_KEYS}
         steers = model.get("steer", True)
         if not method.train:
-            model = {k: v for k, v in model.items() if k not in _TRAINING_MODEL_KEYS}
-            trainer = {k: v for k, v in trainer.items() if k not in _TRAINING_TRAINER_KEYS + _PROCESS_TRAINER_KEYS}
+            model = {k: v for k, v in model.items() if k not in TRAINING_MODEL_KEYS}
+            trainer = {k: v for k, v in trainer.items() if k not in TRAINING_TRAINER_KEYS + PROCESS_TRAINER_KEYS}
         if not steers:
-            model = {k: v for k, v in model.items() if k not in _STEERING_MODEL_KEYS}
+            model = {k: v for k, v in model.items() if k not in STEERING_MODEL_KEYS}
         if not method.grid:
             compare = {k: v for k, v in compare.items() if k not in ("grid_factors", "dev_limit")}
             if not method.train:
                 compare.pop("dev_split_file", None)
-        return _jsonable(
-            _normalised_paths(
+        return jsonable(
+            normalised_paths(
                 {
                     "method": name,
                     "model": model,
                     "model_identity": self.model_identity,
                     "bank_digest": file_digest(model.get("bank")) if steers else None,
                     "scales_digest": file_digest(model.get("scales")) if steers else None,
-                    "data": {k: v for k, v in self.data_args.items() if k not in _UNUSED_DATA_KEYS},
+                    "data": {k: v for k, v in self.data_args.items() if k not in UNUSED_DATA_KEYS},
                     "trainer": trainer,
                     "compare": compare,
                     "seed": self.seed,

@@ -39,8 +39,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from hones.attribution.settings import fingerprint_differences
+
 LAST = "last.ckpt"
 TAG_KEY = "hones_fit_tag"  # JSON text of FitCheckpoint.tag
+
+
+class ResumeSettingsError(ValueError):
+    """A resume from a checkpoint written with other settings (the message names them)."""
 
 
 def _processed(trainer: Trainer) -> int:
@@ -121,16 +127,18 @@ class FitCheckpoint(Callback):
         processed = _processed(trainer)
         epoch_ended = processed == trainer.num_training_batches  # saved at its last batch; may count as ended now
         kept = self.keep_step_state and self._unsafe_alone(trainer) is None  # rank 0 kept every step's state
-        if self._write_step_state(trainer) or (kept and trainer.training):
+        if self._write_step_state(trainer):
             if trainer.training:
-                rank_zero_info(f"FitCheckpoint: {what}; a resume continues after the last optimiser step: {self._last_saved()}")
+                rank_zero_info(f"FitCheckpoint: {what}; saved the state after the last optimiser step: {self._last_saved()}")
+        elif kept and trainer.training and (self._saved_at is not None or self._resumed):
+            rank_zero_info(f"FitCheckpoint: {what}; no optimiser step since the last save: {self._last_saved()}")
         elif sigterm and trainer.training and self._at_step_boundary(trainer) and not epoch_ended:
             unsafe = self._unsafe_alone(trainer)
             if unsafe is None:  # keep_step_state off: the state now is a step's
                 self.save(trainer, collective=False)
             else:
                 rank_zero_warn(f"FitCheckpoint: SIGTERM save skipped: {unsafe} ({self._last_saved()})")
-        elif trainer.training and not epoch_ended and (sigterm or not self.keep_step_state):
+        elif trainer.training and not epoch_ended and (sigterm or not kept or self._saved_at is None):
             rank_zero_warn(
                 f"FitCheckpoint: {what} after batch {processed} of epoch {trainer.current_epoch}; nothing saved "
                 f"({self._last_saved()})"
@@ -185,6 +193,21 @@ class FitCheckpoint(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[TAG_KEY] = json.dumps(self.tag, sort_keys=True)
 
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A resume from a checkpoint whose tag differs from this fit's stops here, naming the
+        settings that differ (the scales would be those of neither setting)."""
+        if self.tag is None:
+            return
+        if TAG_KEY not in checkpoint:
+            rank_zero_warn(f"FitCheckpoint: {trainer.ckpt_path} carries no settings tag; resuming without checking them")
+            return
+        saved = json.loads(checkpoint[TAG_KEY])
+        if saved is not None and saved != self.tag:
+            raise ResumeSettingsError(
+                f"{trainer.ckpt_path} was written by a fit with other settings ({'; '.join(fingerprint_differences(saved, self.tag))}); "
+                "resume with those settings, or start over without --ckpt_path"
+            )
+
     @staticmethod
     def read_tag(path: str | Path) -> Any:
         """The ``tag`` stored in checkpoint ``path`` (None when it has none); loaded with
@@ -233,4 +256,4 @@ class FitCheckpoint(Callback):
             os.replace(path, self.path)
 
 
-__all__ = ["FitCheckpoint", "LAST"]
+__all__ = ["FitCheckpoint", "LAST", "ResumeSettingsError"]
