@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -655,6 +657,116 @@ def test_compare_resumes_an_interrupted_fit(
     assert torch.equal(load_scales(out / "hones" / "scales.json").s, load_scales(tmp_path / "whole" / "hones" / "scales.json").s)
     assert not (out / "hones" / "checkpoints").exists()  # removed once the method's row is recorded
     assert other["methods"][0]["test"] is not None
+
+
+class StopInTest(L.Callback):
+    """SIGTERM to this process after the first test batch."""
+
+    def on_test_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_compare_stopped_after_the_fit_does_not_train_again(
+    toy_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sigterm_restored: None
+) -> None:
+    """SIGTERM in HONES' test pass, after its fit: the rerun restores the finished fit from its
+    checkpoint (no batch trained again), exports the same scales and gives the uninterrupted row."""
+    from test_fit_resume import Seen
+
+    from hones.steering.compare import Comparison, run_comparison
+
+    model, processor = build_tiny_llava(seed=0)
+    schedule = [*FAST_TRAINER, "--trainer.max_epochs", "2", "--compare.methods", "[hones]", "--compare.checkpoint_every_n_steps", "0"]
+    args = ["--config", str(toy_run["config"]), *schedule]
+    whole = run_comparison([*args, "--compare.output_dir", str(tmp_path / "whole")], adapter_factory=lambda: wrap_model(model, processor))
+
+    plain_trainer = Comparison.trainer
+    extra: dict[bool, list[L.Callback]] = {True: [], False: [StopInTest()]}
+
+    def trainer_with_callbacks(self: Comparison, name: str, fit: bool = False) -> L.Trainer:
+        built = plain_trainer(self, name, fit)
+        built.callbacks.extend(extra[fit])
+        return built
+
+    monkeypatch.setattr(Comparison, "trainer", trainer_with_callbacks)
+    out = tmp_path / "stopped"
+    with pytest.raises(SystemExit):
+        run_comparison([*args, "--compare.output_dir", str(out)], adapter_factory=lambda: wrap_model(model, processor))
+    assert (out / "hones" / "checkpoints" / "last.ckpt").is_file() and not (out / "summary.json").exists()
+    extra.update({True: [seen := Seen()], False: []})
+    resumed = run_comparison([*args, "--compare.output_dir", str(out)], adapter_factory=lambda: wrap_model(model, processor))
+    assert seen.uids == []
+    assert [{k: v for k, v in row.items() if k != "scales"} for row in resumed["methods"]] == [
+        {k: v for k, v in row.items() if k != "scales"} for row in whole["methods"]
+    ]
+    assert torch.equal(load_scales(out / "hones" / "scales.json").s, load_scales(tmp_path / "whole" / "hones" / "scales.json").s)
+
+
+class Passes(L.Callback):
+    """Counts the evaluation passes it sees (by eval tag), and sends SIGTERM in pass ``stop_at``
+    (1-based, over every pass it is attached to) after its first batch."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.stop_at, self.seen = stop_at, []
+
+    def _start(self, kind: str) -> None:
+        self.seen.append(kind)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._start("dev")
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._start(pl_module.eval_tag)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self._stop()
+
+    def on_test_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if len(self.seen) == self.stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_compare_repeats_no_finished_pass(
+    toy_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sigterm_restored: None
+) -> None:
+    """Grid-Search stopped in its third factor's dev pass, then HONES stopped in its OOD pass: each
+    rerun repeats only the passes that had not finished, and the rows equal an uninterrupted run's."""
+    from hones.steering.compare import Comparison, run_comparison
+
+    model, processor = build_tiny_llava(seed=0)
+    methods = ["--compare.methods", "[grid_search, hones]", "--compare.grid_factors", "[0.5, 1.0, 1.5, 2.0]"]
+    args = ["--config", str(toy_run["config"]), *FAST_TRAINER, *methods]
+    whole = run_comparison([*args, "--compare.output_dir", str(tmp_path / "whole")], adapter_factory=lambda: wrap_model(model, processor))
+
+    plain_trainer = Comparison.trainer
+    passes = Passes()
+
+    def trainer_with_callbacks(self: Comparison, name: str, fit: bool = False) -> L.Trainer:
+        built = plain_trainer(self, name, fit)
+        if not fit:
+            built.callbacks.append(passes)
+        return built
+
+    monkeypatch.setattr(Comparison, "trainer", trainer_with_callbacks)
+    out = ["--compare.output_dir", str(tmp_path / "stopped")]
+    runs = [(3, ["dev", "dev", "dev"]), (6, ["dev", "dev", "test", "ood", "test", "ood"]), (None, ["ood"])]
+    for stop_at, expected in runs:
+        passes.stop_at, passes.seen = stop_at, []
+        if stop_at is None:
+            resumed = run_comparison([*args, *out], adapter_factory=lambda: wrap_model(model, processor))
+        else:
+            with pytest.raises(SystemExit):
+                run_comparison([*args, *out], adapter_factory=lambda: wrap_model(model, processor))
+        assert passes.seen == expected
+    assert resumed["methods"] == [{**row, "scales": resumed["methods"][k].get("scales")} if "scales" in row else row
+                                  for k, row in enumerate(whole["methods"])]  # fmt: skip
+    state = json.loads((tmp_path / "stopped" / "state.json").read_text())
+    assert sorted(state["stages"]) == ["method/grid_search", "method/hones"]  # the pass records are dropped
 
 
 @pytest.mark.slow

@@ -20,19 +20,21 @@ metric), and per method ``<output_dir>/<method>/`` (metrics, predictions, scales
 TensorBoard logs under ``<output_dir>/tb/<method>``. The model is loaded once and shared.
 
 Resuming: each method's row is recorded in ``<output_dir>/state.json`` as soon as it is
-finished, with the settings it depends on (``method_fingerprint``). Rerunning the same
-command skips the finished methods and runs the rest; a method interrupted midway starts
-over, except a trained method's fit: it continues from its last checkpoint (every
-``compare.checkpoint_every_n_steps`` optimiser steps, each epoch's last batch, SIGTERM) to
-the scales an uninterrupted fit gives, when the checkpoint was written with the method's
-current settings (its fingerprint is stored in the checkpoint); otherwise the fit starts
-over. The checkpoint is removed once the method's row is recorded. A finished method whose
+finished, with the settings it depends on (``method_fingerprint``), and so is each finished
+evaluation pass of a method not finished yet (Grid-Search's dev pass per factor, test, OOD).
+Rerunning the same command skips the finished methods and passes and runs the rest; a pass
+interrupted midway starts over. A trained method's fit continues from its last checkpoint
+(every ``compare.checkpoint_every_n_steps`` optimiser steps, each epoch's last batch, and
+the state after the last optimiser step when the fit stops) to the scales an uninterrupted
+fit gives, when the checkpoint was written with the method's current settings (its
+fingerprint is stored in the checkpoint); otherwise the fit starts over. The checkpoint is removed once the method's row is recorded. A finished method whose
 settings have changed since stops the run with one line naming them; ``--compare.overwrite
 true`` recomputes the listed methods instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 from functools import cached_property
@@ -98,6 +100,10 @@ class Comparison:
         self.data_args = plain(self.config.data)
         if self.settings.get("test_split_file") is None:
             raise ValueError("compare.test_split_file is required: the methods are compared on the test split (§5)")
+        factors = self.settings.get("grid_factors") or []
+        if not factors or any(not isinstance(f, (int, float)) or isinstance(f, bool) or f <= 0 for f in factors):
+            raise ValueError(f"compare.grid_factors must be a non-empty list of positive factors; got {factors!r}")
+        self.grid_factors = tuple(float(f) for f in factors)
         self.output_dir = Path(self.settings["output_dir"])
         self.adapter = SharedAdapter(adapter_factory or self._load_adapter)
         self.seed = self.config.get("seed_everything")
@@ -229,13 +235,38 @@ class Comparison:
             shutil.rmtree(folder, ignore_errors=True)
 
     # -- the run ---------------------------------------------------------------------------
-    def grid_search(self, method: SteeringMethod, dev: HonesDataModule) -> tuple[float, dict[float, float]]:
+    def evaluation_pass(self, name: str, key: str, fingerprint: dict[str, Any], run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The results of one evaluation pass of method ``name`` (``key``: ``dev_x<factor>``, ``test``,
+        ``ood``): ``run()``'s, recorded in ``state.json`` as ``pass/<name>/<key>`` with the method's
+        fingerprint, or those recorded by an earlier, interrupted run with the same fingerprint.
+        So a rerun repeats no finished pass of an unfinished method; the records are dropped once
+        its row is recorded."""
+        stage = f"pass/{name}/{key}"
+        record = self.state.record(stage)
+        if record is not None and record.get("fingerprint") == fingerprint:
+            if is_global_zero():
+                print(f"compare: {name}: the {key} pass finished in an earlier run ({self.state.path}); reused", flush=True)
+            return dict(record["info"])
+        results = run()
+        self.state.mark_done(stage, fingerprint, results)
+        if is_global_zero():
+            self.state.save()
+        return results
+
+    def has_passes(self, name: str, fingerprint: dict[str, Any]) -> bool:
+        """Whether an earlier run of method ``name`` with ``fingerprint`` recorded a finished pass."""
+        prefix = f"pass/{name}/"
+        return any(stage.startswith(prefix) and record.get("fingerprint") == fingerprint for stage, record in self.state.stages.items())
+
+    def grid_search(self, method: SteeringMethod, dev: HonesDataModule, fingerprint: dict[str, Any]) -> tuple[float, dict[float, float]]:
         """Evaluate every uniform factor on dev; the best (ties: closest to 1) and all scores."""
-        scores: dict[float, float] = {}
-        for factor in method.grid:
+
+        def score(factor: float) -> dict[str, Any]:
             candidate = self.module(method, init_scale=factor_to_scale(factor))
             self.trainer(f"{method.name}_x{factor}").validate(candidate, datamodule=dev, verbose=False)
-            scores[factor] = candidate.results["metric"]
+            return {"metric": candidate.results["metric"]}
+
+        scores = {f: self.evaluation_pass(method.name, f"dev_x{f}", fingerprint, lambda f=f: score(f))["metric"] for f in method.grid}
         best = max(method.grid, key=lambda f: (scores[f], -abs(f - 1.0)))
         return best, scores
 
@@ -253,7 +284,7 @@ class Comparison:
         stages = {name: f"method/{name}" for name in settings["methods"]}
         fingerprints = {name: self.method_fingerprint(name) for name in settings["methods"]}
         if settings.get("overwrite"):
-            self.state.forget(stages.values())
+            self.state.forget([*stages.values(), *(f"pass/{name}/" for name in stages)])
             if is_global_zero():
                 self.state.save()  # a crash before a method ends must not bring its old row back
         # every listed method's record is checked before any work: a mismatch stops the run now
@@ -261,6 +292,8 @@ class Comparison:
         rows = []
         for name in settings["methods"]:
             method = get_method(name)
+            if method.grid:
+                method = dataclasses.replace(method, grid=self.grid_factors)  # compare.grid_factors
             fingerprint = fingerprints[name]
             if name in finished:
                 if is_global_zero():
@@ -268,14 +301,14 @@ class Comparison:
                 rows.append(self.state.record(stages[name])["info"])
                 continue
             resume = self.resumable_fit(name, fingerprint) if method.train else None
-            if resume is None:
+            if resume is None and not self.has_passes(name, fingerprint):
                 self._clear_logs(name)
-            elif is_global_zero():
+            elif resume is not None and is_global_zero():
                 print(f"compare: {name}: resuming the fit from {resume}", flush=True)
             row: dict[str, Any] = {"method": name, "label": method.label, "trained": method.train}
             overrides: dict[str, Any] = {}
             if method.grid:
-                best, scores = self.grid_search(method, dev_eval)
+                best, scores = self.grid_search(method, dev_eval, fingerprint)
                 overrides["init_scale"] = factor_to_scale(best)
                 row.update(factor=best, dev={str(f): v for f, v in scores.items()})
             module = self.module(method, output_dir=str(self.output_dir / name), **overrides)
@@ -285,15 +318,18 @@ class Comparison:
                 trainer.fit(module, datamodule=dev_train, ckpt_path=resume, weights_only=True)
                 row["scales"] = {kind: str(path) for kind, path in module.exported.items()}
             evaluator = self.trainer(name)
-            module.eval_tag = "test"
-            evaluator.test(module, datamodule=test, verbose=False)
-            row["test"] = module.results["metric"]
-            row["metric_name"] = module.results["metric_name"]
+
+            def evaluate(tag: str, data: HonesDataModule) -> dict[str, Any]:
+                module.eval_tag = tag
+                evaluator.test(module, datamodule=data, verbose=False)
+                return {"metric": module.results["metric"], "metric_name": module.results["metric_name"]}
+
+            tested = self.evaluation_pass(name, "test", fingerprint, lambda: evaluate("test", test))
+            row["test"], row["metric_name"] = tested["metric"], tested["metric_name"]
             if ood is not None:
-                module.eval_tag = "ood"
-                evaluator.test(module, datamodule=ood, verbose=False)
-                row["ood"] = module.results["metric"]
+                row["ood"] = self.evaluation_pass(name, "ood", fingerprint, lambda: evaluate("ood", ood))["metric"]
             rows.append(row)
+            self.state.forget([f"pass/{name}/"])
             self.state.mark_done(stages[name], fingerprint, row)
             if is_global_zero():
                 self.state.save()
