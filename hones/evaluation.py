@@ -15,6 +15,10 @@ and the datamodule), so one config serves every task (``evaluate.py``).
 Hooks implemented: ``configure_model`` (loads the adapter inside each process),
 ``setup`` (hands the adapter's encoder to the datamodule), ``on_*_epoch_start``
 (reset metrics), ``*_step``, ``on_*_epoch_end`` (compute, log, write artifacts).
+
+With a run directory, each pass keeps a prediction journal there while it runs
+(``<run_dir>/.journal_<stage>/``, ``hones.prediction_journal``): rerunning an interrupted
+``evaluate.py`` command predicts only the batches the stopped pass had not finished.
 """
 
 from __future__ import annotations
@@ -27,9 +31,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning.pytorch.trainer.states import TrainerFn
+
 from hones import io
 from hones.adapter_host import AdapterHost, trainer_datamodule
+from hones.attribution.settings import model_identity
 from hones.metrics import build_metric, group_ids, postprocess_generation
+from hones.prediction_journal import PredictionJournal
 
 TASKS = ("vqa", "ocr", "caption", "retrieval")
 METRIC_MODES = ("paper", "official")
@@ -123,6 +131,10 @@ class EpochScoring:
     and ``_end(tag)`` (compute, log, write); this mixin resets the metrics at each epoch
     start, scores every batch with ``_predict_rows`` and names the epochs:
     ``validation_tag`` for validation, ``test_tag()`` for test.
+
+    A module that also gives ``journal_directory(tag)`` and ``journal_identity(tag)`` keeps a
+    ``PredictionJournal`` of each validate / test pass outside a fit: a rerun of an interrupted
+    pass predicts only the batches the journal lacks (``hones.prediction_journal``).
     """
 
     validation_tag = "validate"
@@ -130,9 +142,18 @@ class EpochScoring:
     scorer: TaskScorer
     adapter: Any
     _rows: list[dict[str, Any]]
+    _journal: PredictionJournal | None = None
 
     def test_tag(self) -> str:
         return "test"
+
+    def journal_directory(self, tag: str) -> Path | None:
+        """Where the pass ``tag`` keeps its prediction journal (None: no journal)."""
+        return None
+
+    def journal_identity(self, tag: str) -> dict[str, Any]:
+        """What the rows of pass ``tag`` depend on (JSON data); a journal written for another is not read."""
+        raise NotImplementedError
 
     def _predict_rows(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
         """One prediction row per item of ``batch`` (override to change how the model runs)."""
@@ -141,34 +162,75 @@ class EpochScoring:
     def _end(self, stage: str) -> None:
         raise NotImplementedError
 
-    def _start(self) -> None:
+    def _start(self, tag: str) -> None:
         for metric in self.metrics.values():
             metric.reset()
         self._rows = []
+        self._journal = None
+        trainer = self.trainer if self._trainer is not None else None  # type: ignore[attr-defined]
+        if trainer is None or trainer.sanity_checking or trainer.state.fn == TrainerFn.FITTING:
+            return
+        directory = self.journal_directory(tag)
+        if directory is None:
+            return
+        self._journal = PredictionJournal(directory, self.journal_identity(tag), rank=trainer.global_rank)
+        found = self._journal.open()
+        if found and trainer.is_global_zero:
+            cut = f"; {self._journal.dropped} line(s) cut short by a stop dropped" if self._journal.dropped else ""
+            print(f"{tag}: {found} predictions of an interrupted pass found in {directory}; their batches are not run again{cut}", flush=True)
 
     def _step(self, batch: dict[str, Any]) -> None:
-        rows = self._predict_rows(batch)
+        journal = self._journal
+        rows = journal.lookup([item.uid for item in batch["items"]]) if journal is not None else None
+        if rows is None:
+            rows = self._predict_rows(batch)
+            if journal is not None:
+                journal.append(rows)
         for metric in self.metrics.values():
             self.scorer.update(metric, rows)
         self._rows.extend(rows)
 
+    def _finish(self, tag: str) -> None:
+        self._end(tag)
+        if self._journal is not None:  # the results are written: the journal is done with
+            self._journal.close()
+            if self.trainer.is_global_zero:  # type: ignore[attr-defined]
+                self._journal.remove()
+            self._journal = None
+
     def on_validation_epoch_start(self) -> None:
-        self._start()
+        self._start(self.validation_tag)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._step(batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._end(self.validation_tag)
+        self._finish(self.validation_tag)
 
     def on_test_epoch_start(self) -> None:
-        self._start()
+        self._start(self.test_tag())
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._step(batch)
 
     def on_test_epoch_end(self) -> None:
-        self._end(self.test_tag())
+        self._finish(self.test_tag())
+
+
+def journal_identity(module: Any, tag: str, **extra: Any) -> dict[str, Any]:
+    """The identity of an evaluation pass of ``module`` (``EvalModule`` / ``SteeringModule``): its
+    hyperparameters less where results go and the headline mode, a digest of a local model folder,
+    the datamodule's hyperparameters less its worker count, the pass's tag, and ``extra``."""
+    hparams = {k: v for k, v in dict(module.hparams).items() if k not in ("output_dir", "metric_mode", "stats_threshold")}
+    data = getattr(trainer_datamodule(module), "hparams", {}) or {}
+    return {
+        "tag": tag,
+        "module": type(module).__name__,
+        "hparams": hparams,
+        "model_identity": model_identity(str(module.hparams.model)),
+        "data": {k: v for k, v in dict(data).items() if k != "num_workers"},
+        **extra,
+    }
 
 
 class EvalModule(AdapterHost, EpochScoring, L.LightningModule):
@@ -207,6 +269,13 @@ class EvalModule(AdapterHost, EpochScoring, L.LightningModule):
         self.adapter: Any = None
         self._rows: list[dict[str, Any]] = []
         self.results: dict[str, Any] = {}
+
+    def journal_directory(self, tag: str) -> Path | None:
+        out = self.run_dir()
+        return None if out is None else out / f".journal_{tag}"
+
+    def journal_identity(self, tag: str) -> dict[str, Any]:
+        return journal_identity(self, tag)
 
     def run_dir(self) -> Path | None:
         """``output_dir`` with ``{task}``, ``{dataset}`` and ``{split}`` filled in (None without one)."""

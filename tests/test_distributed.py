@@ -98,6 +98,32 @@ def test_two_processes_generation_equal_one_process(setting: dict) -> None:
 
 
 @pytest.mark.slow
+def test_a_stopped_two_process_pass_finishes_on_one_process(setting: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vqa, batch 1, 2 processes stopped by SIGTERM after each rank's first batch: the rerun on one
+    process reads both ranks' prediction journals, runs the model on the 3 other items only and
+    writes the 1-process run's metrics and predictions."""
+    import os
+
+    import hones.evaluation as evaluation
+
+    one = reference(setting, "vqa", batch_size=1)
+    out = setting["root"] / "stopped_vqa"
+    args = eval_args(setting["model"], setting["world"], out, "vqa", 1, setting["cache"])
+    stop = ["--trainer.callbacks+=test_prediction_journal.StopAfter", "--trainer.callbacks.stop", "0"]
+    env = {**subprocess_env(), "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), subprocess_env().get("PYTHONPATH", "")])}
+    done = subprocess.run(torchrun(["evaluate.py", *args, *stop]), cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert done.returncode != 0 and not (out / "metrics_test.json").exists(), done.stderr[-3000:]
+    assert sorted(p.name for p in (out / ".journal_test").glob("rank*.jsonl")) == ["rank0.jsonl", "rank1.jsonl"]
+    predicted: list[int] = []
+    plain_predict = evaluation.TaskScorer.predict
+    monkeypatch.setattr(evaluation.TaskScorer, "predict", lambda self, a, b: predicted.append(1) or plain_predict(self, a, b))
+    load_evaluate().main(args)
+    assert len(predicted) == N_TEST - 2
+    assert_same_run(one, read_run(out), world_size=1, items=N_TEST)
+    assert read_run(out)[1] == one[1] and not (out / ".journal_test").exists()
+
+
+@pytest.mark.slow
 def test_two_processes_retrieval_equal_one_process(setting: dict) -> None:
     """retrieval (Yes-No margin, NDCG@5 over groups), 15 candidates in batches of 2: ranks run 4 and 4 batches
     of unequal sizes (8 and 7 items); NDCG and every score are the 1-process ones."""

@@ -176,6 +176,7 @@ def _fit(
         ([(1, 2, False)], 0, True),  # inside an accumulation window of epoch 2: the state after its first step
         ([(1, 2, False)], 0, False),  # the same without the kept step state: resumes from epoch 1's end
         ([(1, 3, False)], 0, True),  # epoch 2, after its second step
+        ([(1, 3, False)], 0, False),  # the same without the kept step state: saved at the SIGTERM
         ([(0, 4, False)], 0, True),  # after epoch 1's last batch
         ([(0, 1, False), (0, 2, False), (1, 1, False)], 0, True),  # stopped three times, once inside a window
         ([(1, 2, True)], 1, True),  # an error in a window: the periodic save one batch before

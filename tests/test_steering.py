@@ -233,6 +233,22 @@ def test_empty_bank_is_rejected_at_construction(tmp_path: Path) -> None:
         NeuronSteeringCallback(str(path))
 
 
+def test_scales_with_random_neurons_or_init_scale_is_rejected(toy_run: dict[str, Path], tmp_path: Path) -> None:
+    """A scales file fixes the neurons and their scales: RandNeuron's random neurons and an init_scale
+    would be ignored, so the module and a comparison with such methods refuse it before any work."""
+    from hones.steering.compare import run_comparison
+
+    scales = tmp_path / "scales.json"
+    scales.write_text(json.dumps([{"layer": 0, "neuron": 1, "scale": 0.3}]))
+    for bad in ({"random_neurons": True}, {"init_scale": 1.0}):
+        with pytest.raises(ValueError, match=r"scales\.json\) gives the neurons and their starting scales"):
+            SteeringModule(model="tiny", task="vqa", scales=str(scales), **bad)
+    args = ["--config", str(toy_run["config"]), "--model.scales", str(scales), "--compare.output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=r"model\.scales \(.*scales\.json\) .* which fixed_amp, rand_neuron would choose"):
+        run_comparison([*args, "--compare.methods", "[base, fixed_amp, rand_neuron, hones]"], adapter_factory=lambda: None)
+    assert not (tmp_path / "out").exists()
+
+
 # -- training with Lightning -----------------------------------------------------------------
 def test_fit_lowers_ce_clamps_and_exports(
     llava: VLMAdapter, make_image: Callable[..., Image.Image], tmp_path: Path
@@ -765,6 +781,8 @@ def test_compare_repeats_no_finished_pass(
         assert passes.seen == expected
     assert resumed["methods"] == [{**row, "scales": resumed["methods"][k].get("scales")} if "scales" in row else row
                                   for k, row in enumerate(whole["methods"])]  # fmt: skip
+    assert sorted(p.parent.name for p in (tmp_path / "whole" / "grid_search").glob("dev_x*/metrics_val.json")) == [
+        "dev_x0.5", "dev_x1.0", "dev_x1.5", "dev_x2.0"]  # fmt: skip
     state = json.loads((tmp_path / "stopped" / "state.json").read_text())
     assert sorted(state["stages"]) == ["method/grid_search", "method/hones"]  # the pass records are dropped
 
@@ -782,8 +800,8 @@ def test_train_py_fit_resumes_from_its_checkpoint(toy_run: dict[str, Path], tmp_
     repo = Path(__file__).resolve().parents[1]
     env = {**subprocess_env(), "PYTHONPATH": os.pathsep.join([str(repo / "tests"), subprocess_env().get("PYTHONPATH", "")])}
 
-    def fit(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, str(repo / "train.py"), "fit", "--config", str(toy_run["config"]), *FAST_TRAINER,
+    def fit(out: Path, *extra: str, subcommand: str = "fit") -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, str(repo / "train.py"), subcommand, "--config", str(toy_run["config"]), *FAST_TRAINER,
                    "--trainer.max_epochs", "2", "--model.output_dir", str(out), *extra]  # fmt: skip
         return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
@@ -803,8 +821,10 @@ def test_train_py_fit_resumes_from_its_checkpoint(toy_run: dict[str, Path], tmp_
     assert stopped.returncode == 143 and checkpoint.is_file(), stopped.stderr[-2000:]
     # another setting: refused, with one line naming it (LightningCLI would take the model's from the checkpoint)
     other = fit(tmp_path / "other", "--ckpt_path", str(checkpoint), "--model.lr", "0.5")
-    assert other.returncode == 1 and "other model settings, which LightningCLI would use instead of the given ones (given -> " \
-        "stored: model.lr: 0.5 -> 0.05)" in other.stderr.splitlines()[-1], other.stderr[-2000:]
+    assert other.returncode == 1 and "holds other model settings, which LightningCLI would use instead of the given ones " \
+        "(stored -> given: model.lr: 0.05 -> 0.5); resume with" in other.stderr.splitlines()[-1], other.stderr[-2000:]
+    tested = fit(tmp_path / "other", "--ckpt_path", str(checkpoint), "--model.max_new_tokens", "8", subcommand="test")
+    assert tested.returncode == 1 and "test the fit's exported scales with --model.scales" in tested.stderr.splitlines()[-1]
     other = fit(tmp_path / "other", "--ckpt_path", str(checkpoint), "--trainer.gradient_clip_val", "0.5")
-    assert other.returncode == 1 and "was written by a fit with other settings (trainer.gradient_clip_val: 1.0 -> 0.5)" \
+    assert other.returncode == 1 and "was written by a fit with other settings (stored -> now: trainer.gradient_clip_val: 1.0 -> 0.5)" \
         in other.stderr.splitlines()[-1], other.stderr[-2000:]

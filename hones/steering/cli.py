@@ -57,15 +57,17 @@ class CompareSettings:
         methods: which of ``hones.steering.methods.METHOD_NAMES`` to run, in order.
         grid_factors: Grid-Search candidates (uniform factor, s = factor - 1).
         dev_split_file: dev split (training and Grid-Search selection); default ``data.split_file``.
-        dev_limit: at most this many dev records for the Grid-Search selection (None: all).
+        dev_limit: at most this many dev records for the Grid-Search selection (None: ``data.limit``,
+            the dev records the trained methods train on).
         test_split_file: in-distribution test split (required).
         test_limit: at most this many test records (None: all).
         ood: ``HonesDataModule`` arguments of the task's OOD set (``dataset``,
             ``annotation_file``, ``image_root``, ``limit``, ...); None skips OOD.
         checkpoint_every_n_steps: a trained method keeps ``<output_dir>/<method>/checkpoints/last.ckpt``
-            every this many optimiser steps, after each epoch's last batch and on SIGTERM
-            (``hones.steering.resume``); a rerun resumes an interrupted fit from it. 0: only
-            at epoch ends and on SIGTERM.
+            every this many optimiser steps, after each epoch's last batch, and (the state after
+            the last optimiser step) when the fit stops on SIGTERM, Ctrl+C or an error
+            (``hones.steering.resume``); a rerun resumes an interrupted fit from it. 0: only at
+            epoch ends and when the fit stops.
         overwrite: recompute the listed methods even where ``<output_dir>/state.json``
             records them as finished (otherwise they are skipped, and a finished method
             whose settings changed since is an error).
@@ -112,18 +114,22 @@ class SteeringCLI(HonesCLI):
         subcommand = self.config.get("subcommand")
         if not subcommand or self._model_given is None or not self.config[subcommand].get("ckpt_path"):
             return
-        given, used = (jsonable(without(m, ("adapter_factory",))) for m in (self._model_given, plain(self.config[subcommand].model)))
-        differences = fingerprint_differences(given, used, "model")
+        stored, given = (jsonable(without(m, ("adapter_factory",))) for m in (plain(self.config[subcommand].model), self._model_given))
+        differences = fingerprint_differences(stored, given, "model")
         if differences:
+            if subcommand == "fit":
+                remedy = "resume with the stored settings, or start over without --ckpt_path"
+            else:
+                remedy = f"rerun with the stored settings, or {subcommand} the fit's exported scales with --model.scales instead of --ckpt_path"
             raise ResumeSettingsError(
-                f"{self.config[subcommand].ckpt_path} was written with other model settings, which LightningCLI would use "
-                f"instead of the given ones (given -> stored: {'; '.join(differences)}); rerun with the stored settings, "
-                "or start over without --ckpt_path"
+                f"{self.config[subcommand].ckpt_path} holds other model settings, which LightningCLI would use instead of "
+                f"the given ones (stored -> given: {'; '.join(differences)}); {remedy}"
             )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The usual Trainer; for ``fit``, also a ``FitCheckpoint`` in ``<model.output_dir>/checkpoints``
-        (every ``FIT_CHECKPOINT_EVERY_N_STEPS`` optimiser steps, each epoch's last batch, SIGTERM)
+        (every ``FIT_CHECKPOINT_EVERY_N_STEPS`` optimiser steps, each epoch's last batch, and the
+        state after the last optimiser step when the fit stops: SIGTERM, Ctrl+C, an error)
         unless the config has one, so ``--ckpt_path <output_dir>/checkpoints/last.ckpt`` resumes."""
         trainer = super().instantiate_trainer(**kwargs)
         directory = getattr(self.model, "hparams", {}).get("output_dir")

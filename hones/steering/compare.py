@@ -23,7 +23,9 @@ Resuming: each method's row is recorded in ``<output_dir>/state.json`` as soon a
 finished, with the settings it depends on (``method_fingerprint``), and so is each finished
 evaluation pass of a method not finished yet (Grid-Search's dev pass per factor, test, OOD).
 Rerunning the same command skips the finished methods and passes and runs the rest; a pass
-interrupted midway starts over. A trained method's fit continues from its last checkpoint
+interrupted midway predicts only the batches it had not finished (its prediction journal,
+``<output_dir>/<method>/.journal_<test|ood>``, Grid-Search's under ``dev_x<factor>/``;
+``hones.prediction_journal``). A trained method's fit continues from its last checkpoint
 (every ``compare.checkpoint_every_n_steps`` optimiser steps, each epoch's last batch, and
 the state after the last optimiser step when the fit stops) to the scales an uninterrupted
 fit gives, when the checkpoint was written with the method's current settings (its
@@ -71,6 +73,8 @@ from hones.steering.resume import LAST, FitCheckpoint
 
 # HonesDataModule arguments an OOD set inherits from the in-distribution data config.
 _SHARED_DATA_KEYS = ("batch_size", "num_workers", "seed", "n_neg", "lenient", "verify_images")
+# methods whose neurons or scales a scales file would override (model.scales)
+SCALES_CLASH = ("fixed_amp", "grid_search", "rand_neuron")
 # compare settings no method's row depends on (``hones.steering.fingerprint`` has the others).
 _UNUSED_COMPARE_KEYS = ("output_dir", "methods", "overwrite", "checkpoint_every_n_steps")
 
@@ -104,6 +108,13 @@ class Comparison:
         if not factors or any(not isinstance(f, (int, float)) or isinstance(f, bool) or f <= 0 for f in factors):
             raise ValueError(f"compare.grid_factors must be a non-empty list of positive factors; got {factors!r}")
         self.grid_factors = tuple(float(f) for f in factors)
+        if self.model_args.get("scales") is not None:
+            clash = [name for name in self.settings["methods"] if name in SCALES_CLASH]
+            if clash:
+                raise ValueError(
+                    f"model.scales ({self.model_args['scales']}) sets the scaled neurons and their scales, which "
+                    f"{', '.join(clash)} would choose themselves; drop model.scales or those methods"
+                )
         self.output_dir = Path(self.settings["output_dir"])
         self.adapter = SharedAdapter(adapter_factory or self._load_adapter)
         self.seed = self.config.get("seed_everything")
@@ -262,7 +273,8 @@ class Comparison:
         """Evaluate every uniform factor on dev; the best (ties: closest to 1) and all scores."""
 
         def score(factor: float) -> dict[str, Any]:
-            candidate = self.module(method, init_scale=factor_to_scale(factor))
+            out = self.output_dir / method.name / f"dev_x{factor}"  # not the config's model.output_dir (a fit's)
+            candidate = self.module(method, init_scale=factor_to_scale(factor), output_dir=str(out))
             self.trainer(f"{method.name}_x{factor}").validate(candidate, datamodule=dev, verbose=False)
             return {"metric": candidate.results["metric"]}
 
@@ -301,6 +313,9 @@ class Comparison:
                 rows.append(self.state.record(stages[name])["info"])
                 continue
             resume = self.resumable_fit(name, fingerprint) if method.train else None
+            # passes of an earlier fit, which starts over now: dropped before the new fit's first checkpoint
+            if method.train and resume is None and self.state.forget([f"pass/{name}/"]) and is_global_zero():
+                self.state.save()
             if resume is None and not self.has_passes(name, fingerprint):
                 self._clear_logs(name)
             elif resume is not None and is_global_zero():

@@ -3,8 +3,9 @@
 ``train.py compare`` records each method's row with its fingerprint (``Comparison.method_fingerprint``)
 and tags each trained method's resume checkpoint with it; ``train.py fit`` tags its resume
 checkpoint with ``fit_fingerprint``, and a resume with other settings stops with one line
-naming them (``FitCheckpoint``). Settings that cannot change a result are left out, so
-changing them (a logger, a progress bar, the loader's worker count) keeps a row or a resume.
+naming them (``FitCheckpoint``). Settings known not to change a result are left out (a
+logger, a progress bar, the loader's worker count; for a fit, its validation settings), so
+changing them keeps a row or a resume.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ TRAINING_TRAINER_KEYS = (
     "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "accumulate_grad_batches", "gradient_clip_val",
     "gradient_clip_algorithm", "limit_train_batches", "limit_val_batches", "val_check_interval",
     "check_val_every_n_epoch", "num_sanity_val_steps", "reload_dataloaders_every_n_epochs",
+)  # fmt: skip
+# Trainer settings of in-fit validation and profiling only: they do not change a fit's scales.
+VALIDATION_TRAINER_KEYS = (
+    "limit_val_batches", "val_check_interval", "num_sanity_val_steps", "check_val_every_n_epoch", "limit_test_batches",
+    "limit_predict_batches", "profiler",
 )  # fmt: skip
 # The process count: evaluation gives the 1-process numbers on any number of processes
 # (docs/distributed.md), while a fit's global batch grows with it.
@@ -75,8 +81,9 @@ def without(settings: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
 
 def fit_fingerprint(model: dict[str, Any], data: dict[str, Any], trainer: dict[str, Any], seed: Any) -> dict[str, Any]:
     """The settings one ``train.py fit`` depends on: the ``SteeringModule``, ``HonesDataModule``
-    and ``Trainer`` arguments (less ``UNUSED_*`` and the trainer's callbacks, which a resume may
-    add or drop: monitors, a stop), digests of the model folder, bank and scales files, and the seed."""
+    and ``Trainer`` arguments (less ``UNUSED_*``, ``VALIDATION_TRAINER_KEYS`` and the trainer's
+    callbacks, which a resume may add or drop: monitors, a stop), digests of the model folder,
+    bank and scales files, and the seed."""
     model = without(model, UNUSED_MODEL_KEYS)
     steers = model.get("steer", True)
     return jsonable(
@@ -87,7 +94,7 @@ def fit_fingerprint(model: dict[str, Any], data: dict[str, Any], trainer: dict[s
                 "bank_digest": file_digest(model.get("bank")) if steers else None,
                 "scales_digest": file_digest(model.get("scales")) if steers else None,
                 "data": without(data, UNUSED_DATA_KEYS),
-                "trainer": without(trainer, (*UNUSED_TRAINER_KEYS, "callbacks")),
+                "trainer": without(trainer, (*UNUSED_TRAINER_KEYS, *VALIDATION_TRAINER_KEYS, "callbacks")),
                 "seed": seed,
             }
         )

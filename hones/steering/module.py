@@ -24,6 +24,7 @@ NDCG@5; ``compare`` (and ``test`` with ``training: false``) use the 1 + 49 group
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,7 +39,7 @@ from hones import io
 from hones.adapter_host import AdapterHost
 from hones.attribution.batches import batch_size, ensure_prompt_only, ensure_targets
 from hones.attribution.bank import BankError
-from hones.evaluation import METRIC_MODES, EpochScoring, TaskScorer, summarize_epoch
+from hones.evaluation import METRIC_MODES, EpochScoring, TaskScorer, journal_identity, summarize_epoch
 from hones.interventions import NeuronScaler, scale_neurons
 from hones.metrics import build_metric
 from hones.steering.objective import DEFAULT_BETA, DEFAULT_L2_WEIGHT, steering_objective
@@ -92,9 +93,9 @@ class SteeringModule(AdapterHost, EpochScoring, L.LightningModule):
         bank: neuron bank JSON (HONES_METHOD §3 selection) — the neurons to scale.
         scales: learned scales (``.json`` / ``.safetensors``) to start from or to evaluate;
             their neurons replace the bank's.
-        random_neurons: RandNeuron (§5): random neurons with the bank's per-layer counts.
+        random_neurons: RandNeuron (§5): random neurons with the bank's per-layer counts (not with ``scales``).
         random_seed: seed of those random neurons.
-        init_scale: initial s when no ``scales`` file is given (Fixed-Amp: 1.0, i.e. x2).
+        init_scale: initial s of the bank's neurons (Fixed-Amp: 1.0, i.e. x2); with ``scales``, only 0.
         steer: False evaluates the unsteered model (Base); nothing is trained then.
         beta: weight of KL(p_original ‖ p_scaled) (§5: 0.05; 0 = HONES w/o KL).
         l2_weight: λ of mean(s²) (§5: 1e-5).
@@ -146,6 +147,11 @@ class SteeringModule(AdapterHost, EpochScoring, L.LightningModule):
             raise ValueError("steering needs a neuron `bank` (or learned `scales`); use steer=False for the base model")
         if beta < 0 or l2_weight < 0 or scale_bound <= 0:
             raise ValueError("beta and l2_weight must be >= 0 and scale_bound > 0")
+        if scales is not None and (random_neurons or init_scale != 0.0):
+            raise ValueError(
+                f"scales ({scales}) gives the neurons and their starting scales; random_neurons and init_scale "
+                "apply to a bank and would be ignored: drop them or the scales file"
+            )
         self.save_hyperparameters(ignore=["adapter_factory"])
         if steer and bank is not None and scales is None:
             read_bank_entries(bank)  # fail fast on a missing, malformed or empty bank, before loading a model
@@ -277,6 +283,21 @@ class SteeringModule(AdapterHost, EpochScoring, L.LightningModule):
 
     def test_tag(self) -> str:
         return self.eval_tag
+
+    def journal_directory(self, tag: str) -> Path | None:
+        return None if not self.hparams.output_dir else Path(self.hparams.output_dir) / f".journal_{tag}"
+
+    def journal_identity(self, tag: str) -> dict[str, Any]:
+        """``hones.evaluation.journal_identity`` plus a digest of the scaler's state (the scales in
+        use, learned or loaded, and their neurons; None for the base model)."""
+        digest = None
+        if self.scaler is not None:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.scaler.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            digest = digest.hexdigest()
+        return journal_identity(self, tag, scaler=digest)
 
     def _predict_rows(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
         """Greedy predictions with the scaling on (prompt-only encodings)."""

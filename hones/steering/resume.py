@@ -204,7 +204,8 @@ class FitCheckpoint(Callback):
         saved = json.loads(checkpoint[TAG_KEY])
         if saved is not None and saved != self.tag:
             raise ResumeSettingsError(
-                f"{trainer.ckpt_path} was written by a fit with other settings ({'; '.join(fingerprint_differences(saved, self.tag))}); "
+                f"{trainer.ckpt_path} was written by a fit with other settings (stored -> now: "
+                f"{'; '.join(fingerprint_differences(saved, self.tag))}); "
                 "resume with those settings, or start over without --ckpt_path"
             )
 
