@@ -23,6 +23,7 @@ With a run directory, each pass keeps a prediction journal there while it runs
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,6 +37,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from hones import io
 from hones.adapter_host import AdapterHost, trainer_datamodule
 from hones.attribution.settings import model_identity
+from hones.steering.fingerprint import file_digest
 from hones.metrics import build_metric, group_ids, postprocess_generation
 from hones.prediction_journal import PredictionJournal
 
@@ -152,8 +154,9 @@ class EpochScoring:
         return None
 
     def journal_identity(self, tag: str) -> dict[str, Any]:
-        """What the rows of pass ``tag`` depend on (JSON data); a journal written for another is not read."""
-        raise NotImplementedError
+        """What the rows of pass ``tag`` depend on (JSON data; ``journal_identity``); a journal written
+        for another is not read."""
+        return journal_identity(self, tag)
 
     def _predict_rows(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
         """One prediction row per item of ``batch`` (override to change how the model runs)."""
@@ -170,13 +173,15 @@ class EpochScoring:
         trainer = self.trainer if self._trainer is not None else None  # type: ignore[attr-defined]
         if trainer is None or trainer.sanity_checking or trainer.state.fn == TrainerFn.FITTING:
             return
+        if trainer.datamodule is None:  # loaders passed directly: nothing identifies the data
+            return
         directory = self.journal_directory(tag)
         if directory is None:
             return
         self._journal = PredictionJournal(directory, self.journal_identity(tag), rank=trainer.global_rank)
         found = self._journal.open()
         if found and trainer.is_global_zero:
-            cut = f"; {self._journal.dropped} line(s) cut short by a stop dropped" if self._journal.dropped else ""
+            cut = f"; {self._journal.dropped} incomplete last line(s) dropped" if self._journal.dropped else ""
             print(f"{tag}: {found} predictions of an interrupted pass found in {directory}; their batches are not run again{cut}", flush=True)
 
     def _step(self, batch: dict[str, Any]) -> None:
@@ -217,19 +222,40 @@ class EpochScoring:
         self._finish(self.test_tag())
 
 
-def journal_identity(module: Any, tag: str, **extra: Any) -> dict[str, Any]:
-    """The identity of an evaluation pass of ``module`` (``EvalModule`` / ``SteeringModule``): its
-    hyperparameters less where results go and the headline mode, a digest of a local model folder,
-    the datamodule's hyperparameters less its worker count, the pass's tag, and ``extra``."""
+def parameter_digest(module: nn.Module, samples: int = 4096) -> str:
+    """SHA-256 over every parameter's and buffer's name, shape and dtype and up to ``samples``
+    evenly spaced values (all of them for the toy models and the scales; a sample of each 7B
+    weight, read in well under a second)."""
+    digest = hashlib.sha256()
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() > samples:
+            flat = flat[torch.linspace(0, flat.numel() - 1, samples, device=flat.device).long()]
+        digest.update(f"{name}\0{tuple(tensor.shape)}\0{tensor.dtype}\0".encode())
+        digest.update(flat.float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def journal_identity(module: Any, tag: str) -> dict[str, Any]:
+    """What the prediction rows of pass ``tag`` of ``module`` (``EvalModule`` / ``SteeringModule``)
+    depend on: its hyperparameters less where results go and the headline mode; a digest of a
+    local model folder (processor and tokenizer files too) and of the module's parameters and
+    buffers as they are now (the weights, whatever loaded them, and any scales: the module's
+    own and those a ``NeuronSteeringCallback`` attached); the trainer's precision and
+    accelerator; the datamodule's hyperparameters less its worker count, with digests of its
+    annotation and split files; the tag. Images are identified by their paths."""
     hparams = {k: v for k, v in dict(module.hparams).items() if k not in ("output_dir", "metric_mode", "stats_threshold")}
-    data = getattr(trainer_datamodule(module), "hparams", {}) or {}
+    data = dict(getattr(trainer_datamodule(module), "hparams", {}) or {})
+    trainer = module.trainer
     return {
         "tag": tag,
         "module": type(module).__name__,
         "hparams": hparams,
         "model_identity": model_identity(str(module.hparams.model)),
-        "data": {k: v for k, v in dict(data).items() if k != "num_workers"},
-        **extra,
+        "parameters": parameter_digest(module),
+        "trainer": {"precision": str(trainer.precision), "accelerator": type(trainer.accelerator).__name__},
+        "data": {k: v for k, v in data.items() if k != "num_workers"},
+        "data_files": {key: file_digest(data.get(key)) for key in ("annotation_file", "split_file")},
     }
 
 
@@ -273,9 +299,6 @@ class EvalModule(AdapterHost, EpochScoring, L.LightningModule):
     def journal_directory(self, tag: str) -> Path | None:
         out = self.run_dir()
         return None if out is None else out / f".journal_{tag}"
-
-    def journal_identity(self, tag: str) -> dict[str, Any]:
-        return journal_identity(self, tag)
 
     def run_dir(self) -> Path | None:
         """``output_dir`` with ``{task}``, ``{dataset}`` and ``{split}`` filled in (None without one)."""

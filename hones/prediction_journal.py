@@ -5,12 +5,16 @@ A test pass of a 7B model over 3,000 images generates for tens of minutes; a pre
 it used to lose the whole pass. While a pass runs, each process appends the prediction rows
 of every batch (``TaskScorer.predict``: uid, prediction and references, or the retrieval
 score) to ``<directory>/rank<k>.jsonl`` and flushes it. The first line of each file is the
-pass's identity (JSON data: the model, its settings and its scales, the data, the stage;
-see ``EpochScoring.journal_identity``). A rerun reads every file whose identity equals its
-own, whatever the process count that wrote it, and takes a batch's rows from there when it
-holds every item of the batch; the model runs on the other batches. The metrics are fed the
-same rows in the same order either way, so the result equals an uninterrupted pass. Once
-the pass's results are written the directory is removed.
+pass's identity (JSON data, ``hones.evaluation.journal_identity``: the module's settings, a
+digest of the model folder and of the module's parameters and buffers, scales included, the
+trainer's precision and accelerator, the data settings with digests of the annotation and
+split files, the stage). A rerun reads every file whose identity equals its own, whatever
+the process count that wrote it, and takes a batch's rows from there when it holds every
+item of the batch; the model runs on the other batches. The metrics are fed the same rows in
+the same order either way, so the result equals an uninterrupted pass with those settings.
+Once the pass's results are written the directory is removed. Not in the identity: the image
+files' contents (paths only), and what a callback of the user's own does to the model
+without parameters or buffers of its own.
 
 A kill while a line is written leaves a partial last line: it is dropped, and counted in
 the message that reports the reuse. Rows are kept by uid; uids are unique within a split.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,9 @@ def test_evaluate_rerun_predicts_only_the_unfinished_batches(
     journal = tmp_path / "out" / ".journal_test"
     assert len(predicted) == 2 and (journal / "rank0.jsonl").is_file() and not (tmp_path / "out" / "metrics_test.json").exists()
     capsys.readouterr()
+    copy = tmp_path / "copy"  # the stopped run's folder, rerun at another precision: nothing reused
+    shutil.copytree(tmp_path / "out", copy)
+    assert run(copy, "--trainer.precision", "bf16-true") == whole and "interrupted pass" not in capsys.readouterr().out
     assert run(tmp_path / "out") == whole - 2
     assert f"predictions of an interrupted pass found in {journal}" in capsys.readouterr().out
     (metrics, rows), (whole_metrics, whole_rows) = read_run(tmp_path / "out"), read_run(tmp_path / "whole")

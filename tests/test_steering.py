@@ -748,7 +748,8 @@ class Passes(L.Callback):
 
 @pytest.mark.slow
 def test_compare_repeats_no_finished_pass(
-    toy_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sigterm_restored: None
+    toy_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sigterm_restored: None,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Grid-Search stopped in its third factor's dev pass, then HONES stopped in its OOD pass: each
     rerun repeats only the passes that had not finished, and the rows equal an uninterrupted run's."""
@@ -773,12 +774,17 @@ def test_compare_repeats_no_finished_pass(
     runs = [(3, ["dev", "dev", "dev"]), (6, ["dev", "dev", "test", "ood", "test", "ood"]), (None, ["ood"])]
     for stop_at, expected in runs:
         passes.stop_at, passes.seen = stop_at, []
+        capsys.readouterr()
         if stop_at is None:
             resumed = run_comparison([*args, *out], adapter_factory=lambda: wrap_model(model, processor))
         else:
             with pytest.raises(SystemExit):
                 run_comparison([*args, *out], adapter_factory=lambda: wrap_model(model, processor))
         assert passes.seen == expected
+        printed = capsys.readouterr().out
+        if stop_at == 6:  # the interrupted third factor's dev pass: its first batch is not run again
+            assert f"val: 2 predictions of an interrupted pass found in {tmp_path / 'stopped' / 'grid_search' / 'dev_x1.5' / '.journal_val'}" in printed
+    assert f"ood: 2 predictions of an interrupted pass found in {tmp_path / 'stopped' / 'hones' / '.journal_ood'}" in printed
     assert resumed["methods"] == [{**row, "scales": resumed["methods"][k].get("scales")} if "scales" in row else row
                                   for k, row in enumerate(whole["methods"])]  # fmt: skip
     assert sorted(p.parent.name for p in (tmp_path / "whole" / "grid_search").glob("dev_x*/metrics_val.json")) == [

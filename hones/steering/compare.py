@@ -299,6 +299,8 @@ class Comparison:
             self.state.forget([*stages.values(), *(f"pass/{name}/" for name in stages)])
             if is_global_zero():
                 self.state.save()  # a crash before a method ends must not bring its old row back
+                for journal in [j for name in stages for j in (self.output_dir / name).glob("**/.journal_*")]:
+                    shutil.rmtree(journal)  # recompute means predict again
         # every listed method's record is checked before any work: a mismatch stops the run now
         finished = {name for name in settings["methods"] if self.state.is_done(stages[name], fingerprints[name])}
         rows = []

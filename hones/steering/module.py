@@ -24,7 +24,6 @@ NDCG@5; ``compare`` (and ``test`` with ``training: false``) use the 1 + 49 group
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,7 +38,7 @@ from hones import io
 from hones.adapter_host import AdapterHost
 from hones.attribution.batches import batch_size, ensure_prompt_only, ensure_targets
 from hones.attribution.bank import BankError
-from hones.evaluation import METRIC_MODES, EpochScoring, TaskScorer, journal_identity, summarize_epoch
+from hones.evaluation import METRIC_MODES, EpochScoring, TaskScorer, summarize_epoch
 from hones.interventions import NeuronScaler, scale_neurons
 from hones.metrics import build_metric
 from hones.steering.objective import DEFAULT_BETA, DEFAULT_L2_WEIGHT, steering_objective
@@ -286,18 +285,6 @@ class SteeringModule(AdapterHost, EpochScoring, L.LightningModule):
 
     def journal_directory(self, tag: str) -> Path | None:
         return None if not self.hparams.output_dir else Path(self.hparams.output_dir) / f".journal_{tag}"
-
-    def journal_identity(self, tag: str) -> dict[str, Any]:
-        """``hones.evaluation.journal_identity`` plus a digest of the scaler's state (the scales in
-        use, learned or loaded, and their neurons; None for the base model)."""
-        digest = None
-        if self.scaler is not None:
-            digest = hashlib.sha256()
-            for name, tensor in sorted(self.scaler.state_dict().items()):
-                digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-            digest = digest.hexdigest()
-        return journal_identity(self, tag, scaler=digest)
 
     def _predict_rows(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
         """Greedy predictions with the scaling on (prompt-only encodings)."""
