@@ -275,6 +275,9 @@ class Comparison:
         def score(factor: float) -> dict[str, Any]:
             out = self.output_dir / method.name / f"dev_x{factor}"  # not the config's model.output_dir (a fit's)
             candidate = self.module(method, init_scale=factor_to_scale(factor), output_dir=str(out))
+            logs = self.output_dir / "tb" / f"{method.name}_x{factor}"
+            if is_global_zero() and logs.is_dir():  # an interrupted attempt's curves: not continued
+                shutil.rmtree(logs)
             self.trainer(f"{method.name}_x{factor}").validate(candidate, datamodule=dev, verbose=False)
             return {"metric": candidate.results["metric"]}
 

@@ -136,7 +136,8 @@ class ToyVLMModule(L.LightningModule):
         vocab_size: BPE vocabulary size of the locally trained tokenizer.
         model: keyword arguments of ``build_tiny_llava`` / ``build_tiny_qwen2_5_vl``.
         init_from: continue from a saved model directory (a second training phase)
-            instead of building a new model; ``vocab_size`` and ``model`` are then unused.
+            instead of building a new model; ``vocab_size``, ``model``, ``seed`` and
+            ``world_dir`` (the tokenizer comes with the saved model) are then unused.
         lr, weight_decay, pct_start: AdamW with a one-cycle schedule.
         seed: weight initialisation seed.
         activation_l1: weight of an L1 penalty on what the FFN neurons write, added to the
