@@ -224,8 +224,8 @@ class EpochScoring:
 
 def parameter_digest(module: nn.Module, samples: int = 4096) -> str:
     """SHA-256 over every parameter's and buffer's name, shape and dtype and up to ``samples``
-    evenly spaced values (all of them for the toy models and the scales; a sample of each 7B
-    weight, read in well under a second)."""
+    evenly spaced values (all of them for the toy models and the scales; a sample of
+    ``samples`` values of each larger weight)."""
     digest = hashlib.sha256()
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         flat = tensor.detach().reshape(-1)
