@@ -86,7 +86,10 @@ class PredictionJournal:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 if number != len(body) + 1:
-                    raise ValueError(f"{file}: line {number} is not JSON (only the last line may be cut short)") from None
+                    raise ValueError(
+                        f"{file}: line {number} is not JSON (only the last line may be cut short); remove "
+                        f"{self.directory} to predict the pass again"
+                    ) from None
                 self.dropped += 1  # the last line, cut short by a kill
         return rows
 
