@@ -37,7 +37,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from hones import io
 from hones.adapter_host import AdapterHost, trainer_datamodule
 from hones.attribution.settings import model_identity
-from hones.steering.fingerprint import file_digest
+from hones.steering.fingerprint import UNUSED_DATA_KEYS, UNUSED_MODEL_KEYS, file_digest, without
 from hones.metrics import build_metric, group_ids, postprocess_generation
 from hones.prediction_journal import PredictionJournal
 
@@ -244,7 +244,7 @@ def journal_identity(module: Any, tag: str) -> dict[str, Any]:
     own and those a ``NeuronSteeringCallback`` attached); the trainer's precision and
     accelerator; the datamodule's hyperparameters less its worker count, with digests of its
     annotation and split files; the tag. Images are identified by their paths."""
-    hparams = {k: v for k, v in dict(module.hparams).items() if k not in ("output_dir", "metric_mode", "stats_threshold")}
+    hparams = without(dict(module.hparams), (*UNUSED_MODEL_KEYS, "metric_mode"))
     data = dict(getattr(trainer_datamodule(module), "hparams", {}) or {})
     trainer = module.trainer
     return {
@@ -254,7 +254,7 @@ def journal_identity(module: Any, tag: str) -> dict[str, Any]:
         "model_identity": model_identity(str(module.hparams.model)),
         "parameters": parameter_digest(module),
         "trainer": {"precision": str(trainer.precision), "accelerator": type(trainer.accelerator).__name__},
-        "data": {k: v for k, v in data.items() if k != "num_workers"},
+        "data": without(data, UNUSED_DATA_KEYS),
         "data_files": {key: file_digest(data.get(key)) for key in ("annotation_file", "split_file")},
     }
 

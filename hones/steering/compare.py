@@ -236,13 +236,15 @@ class Comparison:
         if isinstance(self.seed, int) and not isinstance(self.seed, bool):
             L.seed_everything(self.seed, workers=True, verbose=False)
 
-    def _clear_logs(self, name: str) -> None:
+    def _clear_logs(self, name: str, factor: float | None = None) -> None:
         """Remove the TensorBoard logs of an earlier, unfinished (or overwritten) attempt at a method,
-        so that a rerun's curves do not continue the old ones (rank 0; ``tb/<name>``, ``tb/<name>_x*``)."""
+        so that a rerun's curves do not continue the old ones (rank 0; ``tb/<name>``, ``tb/<name>_x*``;
+        with ``factor``, only that Grid-Search factor's ``tb/<name>_x<factor>``)."""
         if not is_global_zero():
             return
         tb = self.output_dir / "tb"
-        for folder in [tb / name, *tb.glob(f"{name}_x*")]:
+        folders = [tb / f"{name}_x{factor}"] if factor is not None else [tb / name, *tb.glob(f"{name}_x*")]
+        for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
 
     # -- the run ---------------------------------------------------------------------------
@@ -275,9 +277,7 @@ class Comparison:
         def score(factor: float) -> dict[str, Any]:
             out = self.output_dir / method.name / f"dev_x{factor}"  # not the config's model.output_dir (a fit's)
             candidate = self.module(method, init_scale=factor_to_scale(factor), output_dir=str(out))
-            logs = self.output_dir / "tb" / f"{method.name}_x{factor}"
-            if is_global_zero() and logs.is_dir():  # an interrupted attempt's curves: not continued
-                shutil.rmtree(logs)
+            self._clear_logs(method.name, factor)  # an interrupted attempt's curves: not continued
             self.trainer(f"{method.name}_x{factor}").validate(candidate, datamodule=dev, verbose=False)
             return {"metric": candidate.results["metric"]}
 
