@@ -199,7 +199,11 @@ class EpochScoring:
         self._end(tag)
         if self._journal is not None:  # the results are written: the journal is done with
             self._journal.close()
-            if self.trainer.is_global_zero:  # type: ignore[attr-defined]
+            trainer = self.trainer  # type: ignore[attr-defined]
+            if not _ran_every_batch(trainer):  # limit_*_batches / fast_dev_run: the full pass still needs it
+                if trainer.is_global_zero:
+                    print(f"{tag}: a limited pass; the prediction journal in {self._journal.directory} is kept for the full pass", flush=True)
+            elif trainer.is_global_zero:
                 self._journal.remove()
             self._journal = None
 
@@ -220,6 +224,20 @@ class EpochScoring:
 
     def on_test_epoch_end(self) -> None:
         self._finish(self.test_tag())
+
+
+def _ran_every_batch(trainer: Any) -> bool:
+    """Whether the running validate / test pass covers every batch of its loaders (no
+    ``limit_*_batches`` or ``fast_dev_run`` cut)."""
+    if trainer.testing:
+        counts, loaders = trainer.num_test_batches, trainer.test_dataloaders
+    else:
+        counts, loaders = trainer.num_val_batches, trainer.val_dataloaders
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    for count, loader in zip(counts, loaders):
+        if hasattr(loader, "__len__") and count < len(loader):
+            return False
+    return True
 
 
 def parameter_digest(module: nn.Module, samples: int = 4096) -> str:

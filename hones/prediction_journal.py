@@ -12,7 +12,8 @@ split files, the stage). A rerun reads every file whose identity equals its own,
 the process count that wrote it, and takes a batch's rows from there when it holds every
 item of the batch; the model runs on the other batches. The metrics are fed the same rows in
 the same order either way, so the result equals an uninterrupted pass with those settings.
-Once the pass's results are written the directory is removed. Not in the identity: the image
+Once the pass's results are written the directory is removed, unless the pass was cut short
+by ``limit_*_batches`` or ``fast_dev_run``: then it is kept for the full pass. Not in the identity: the image
 files' contents (paths only), and what a callback of the user's own does to the model
 without parameters or buffers of its own.
 

@@ -73,8 +73,9 @@ class StopAfter(L.Callback):
 def test_evaluate_rerun_predicts_only_the_unfinished_batches(
     tmp_path: Path, sigterm_restored: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], task: str
 ) -> None:
-    """7 test images, batch 2 (retrieval: 3 candidates per image): stopped after 2 batches, the
-    rerun runs the model on the other batches only and writes the uninterrupted pass's results."""
+    """7 test images, batch 2 (retrieval: 3 candidates per image): stopped after 2 batches, a rerun
+    limited to 3 batches predicts the third only and keeps the journal, and the full rerun runs the
+    model on the other batches only and writes the uninterrupted pass's results."""
     import hones.evaluation as evaluation
 
     evaluate = load_evaluate()
@@ -105,7 +106,11 @@ def test_evaluate_rerun_predicts_only_the_unfinished_batches(
     copy = tmp_path / "copy"  # the stopped run's folder, rerun at another precision: nothing reused
     shutil.copytree(tmp_path / "out", copy)
     assert run(copy, "--trainer.precision", "bf16-true") == whole and "interrupted pass" not in capsys.readouterr().out
-    assert run(tmp_path / "out") == whole - 2
+    # a pass limited to 3 batches reuses the first 2, predicts the third and keeps the journal for the full pass
+    assert run(tmp_path / "out", "--trainer.limit_test_batches", "3") == 1
+    assert f"a limited pass; the prediction journal in {journal} is kept" in capsys.readouterr().out
+    assert (journal / "rank0.jsonl").is_file()
+    assert run(tmp_path / "out") == whole - 3
     assert f"predictions of an interrupted pass found in {journal}" in capsys.readouterr().out
     (metrics, rows), (whole_metrics, whole_rows) = read_run(tmp_path / "out"), read_run(tmp_path / "whole")
     assert rows == whole_rows and metrics["metrics"] == whole_metrics["metrics"] and metrics["num_items"] == whole_metrics["num_items"]
