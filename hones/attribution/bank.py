@@ -120,6 +120,34 @@ def parse_bank(data: Any, source: str = "bank") -> list[BankEntry]:
     raise BankError(f"{source}: a neuron bank is a list of entries or a {{layer: [neurons]}} object; got {type(data).__name__}")
 
 
+def as_bank(bank: Any, num_layers: int | None = None, ffn_width: int | None = None, source: str = "bank") -> list[BankEntry]:
+    """A validated bank from any form a user holds: ``BankEntry`` list, a bank JSON path (either
+    layout), a selection ``{layer: neuron ids}`` (lists or tensors, as ``zero_neurons`` and
+    ``NeuronSteeringCallback`` take) or ``(layer, neuron)`` pairs (ranks in the given order)."""
+    if isinstance(bank, (str, os.PathLike)):
+        if Path(bank).is_dir():
+            raise BankError(f"{bank}: a directory, not a bank file (e.g. {Path(bank) / 'bank_hones.json'})")
+        return read_bank(bank, num_layers, ffn_width)
+    if isinstance(bank, Mapping):
+        selection = {key: (ids.tolist() if isinstance(ids, Tensor) else ids) for key, ids in bank.items()}
+        entries = parse_bank({key: list(ids) if isinstance(ids, tuple) else ids for key, ids in selection.items()}, source)
+    elif isinstance(bank, Iterable) and not isinstance(bank, (bytes, Tensor)):
+        entries = []
+        for k, row in enumerate(bank):
+            if isinstance(row, BankEntry):
+                entries.append(row)
+            elif isinstance(row, (tuple, list)) and len(row) == 2:
+                entries.append(BankEntry(_as_int(row[0], f"entry {k} layer", source), _as_int(row[1], f"entry {k} neuron", source), float("nan"), k))
+            else:
+                raise BankError(f"{source}: entry {k} must be a BankEntry or a (layer, neuron) pair; got {row!r}")
+    else:
+        raise BankError(
+            f"{source}: a bank is a list of BankEntry or (layer, neuron) pairs, a {{layer: neuron ids}} selection "
+            f"or a bank JSON path; got {type(bank).__name__}"
+        )
+    return validate_bank(entries, num_layers, ffn_width, source)
+
+
 # -- neuron bank I/O -----------------------------------------------------------------------
 def write_bank(path: str | os.PathLike, entries: Sequence[BankEntry]) -> Path:
     """Write a bank (list layout, ranked) atomically."""

@@ -1,10 +1,14 @@
 """Lightning callbacks for HONES attribution (HONES_METHOD §2-4), usable on any LightningModule.
 
 Protocol: the callback needs a ``VLMAdapter``. It takes ``pl_module.adapter`` (any module
-that exposes its Hugging Face decoder through an adapter attribute), or calls the
-``adapter_factory(pl_module)`` it was given. Batches are the datamodule's dicts
-(``items`` + the adapter's encoding); a pass that needs another encoding (labels for
-teacher forcing, prompt-only for generation) re-encodes the batch from its ``items``.
+that exposes its Hugging Face decoder through an adapter attribute, e.g.
+``hones.models.wrap_model(model, processor)``), or calls the ``adapter_factory(pl_module)``
+it was given. A batch is a dict with ``items``, a list of ``hones.data.TaskItem``;
+``{"items": [...]}`` is enough. The adapter's encoding of them (``HonesDataModule``'s
+batches) is used when present; any other encoding in the batch is ignored and the items
+re-encoded (``hones.attribution.batches``). On several processes, run the callbacks in
+``predict``, or give validate / test loaders a sampler that does not repeat items
+(``check_unrepeated_loaders``).
 
 Design: thin callbacks over the plain accumulators.
 - ``on_{stage}_epoch_start``: build a fresh accumulator on the module's device;
@@ -37,16 +41,17 @@ from torch import Tensor
 from hones.attribution.bank import (
     BankEntry,
     BankError,
+    as_bank,
     bank_to_layer_dict,
     load_head_scores,
     neurons_per_layer,
-    read_bank,
+    read_head_list,
     save_head_scores,
     save_matrices,
     write_bank,
     write_head_list,
 )
-from hones.attribution.batches import ensure_prompt_only, ensure_targets
+from hones.attribution.batches import check_items, ensure_prompt_only, ensure_targets
 from hones.attribution.heads import (
     DEFAULT_TOP_K,
     HeadLocalizer,
@@ -83,8 +88,38 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def _batch_task(batch: Mapping[str, Any]) -> str | None:
+    """The task of the batch's ``items`` (None without items); items that are not TaskItems are an error."""
     items = batch.get("items") if isinstance(batch, Mapping) else None
-    return getattr(items[0], "task", None) if items else None
+    return None if items is None else check_items(items)[0].task
+
+
+def check_unrepeated_loaders(trainer: L.Trainer, stage: str, owner: str) -> None:
+    """A one-line ``ValueError`` when a loader of ``stage`` would repeat or drop items across processes.
+
+    Lightning gives validate / test loaders a ``DistributedSampler``, which pads the split
+    with repeated items to a multiple of the process count: the repeats would count twice in
+    the statistics, which would then differ from a 1-process run's. ``predict`` and the
+    hones datamodule shard without repeats.
+    """
+    if trainer.world_size <= 1:
+        return
+    loaders = getattr(trainer, {"validate": "val_dataloaders", "test": "test_dataloaders", "predict": "predict_dataloaders"}[stage])
+    if loaders is None:
+        return
+    loaders = list(loaders.values()) if isinstance(loaders, Mapping) else loaders
+    for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+        sampler = getattr(loader, "sampler", None)
+        total, dataset = getattr(sampler, "total_size", None), getattr(sampler, "dataset", None)
+        if total is None or not hasattr(dataset, "__len__") or total == len(dataset):
+            continue
+        size = len(dataset)
+        change = f"repeats {total - size}" if total > size else f"drops {size - total}"
+        raise ValueError(
+            f"{owner}: the {stage} loader's {type(sampler).__name__} spreads {size} items over {trainer.world_size} "
+            f"processes as {total} ({change}), so the result would differ from a 1-process run; give the loader "
+            "a sampler that neither repeats nor drops (hones.data.datamodule.evaluation_sampler(dataset), with "
+            "Trainer(use_distributed_sampler=False)), or run the callback in trainer.predict (stages=('predict',))"
+        )
 
 
 # -- logging (rank 0) -----------------------------------------------------------------------
@@ -173,6 +208,7 @@ class _AttributionCallback(Callback):
         self._active = _HOOK_STAGE[hook] in self.stages and not trainer.sanity_checking
         self.skip_batches = 0
         if self._active:
+            check_unrepeated_loaders(trainer, _HOOK_STAGE[hook], type(self).__name__)
             self._start(trainer, pl_module)
 
     def _on_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int | None = None) -> None:
@@ -349,12 +385,21 @@ HeadSource = HeadScores | HeadLocalizationCallback | str | os.PathLike | Sequenc
 
 
 def _heads_and_deltas(source: HeadSource, top_k: int | None, default_k: int = 30) -> tuple[list[tuple[int, int]], list[float]]:
-    """H* and Δ from HeadScores, a finished HeadLocalizationCallback, a head_scores file or (l, h, Δ) triples."""
+    """H* and Δ from HeadScores, a finished HeadLocalizationCallback, a ``head_scores.safetensors`` or
+    ``heads.json`` file (the callback writes both) or (l, h, Δ) triples."""
     if isinstance(source, HeadLocalizationCallback):
         if source.scores is None:
             raise RuntimeError("the HeadLocalizationCallback has not produced scores yet (run its stage first)")
         heads = source.top_heads if top_k is None else source.scores.top_heads(top_k)
         return heads, [float(source.scores.delta[h]) for h in heads]
+    if isinstance(source, (str, os.PathLike)) and Path(source).suffix == ".json":  # a heads.json head list
+        rows = read_head_list(source)
+        if all("rank" in row for row in rows):
+            rows = sorted(rows, key=lambda row: int(row["rank"]))
+        else:
+            rows = sorted(rows, key=lambda row: -float(row["delta"]))
+        rows = rows[: top_k if top_k is not None else default_k]
+        return [(int(r["layer"]), int(r["head"])) for r in rows], [float(r["delta"]) for r in rows]
     if isinstance(source, (str, os.PathLike)):
         source = load_head_scores(source)
     if isinstance(source, HeadScores):
@@ -369,13 +414,17 @@ class NeuronAttributionCallback(_AttributionCallback):
 
     Args:
         heads: H* — a ``HeadLocalizationCallback`` (run before), ``HeadScores``, a
-            ``head_scores.safetensors`` path, or (layer, head, Δ) triples.
+            ``head_scores.safetensors`` or ``heads.json`` path (its output files), or
+            (layer, head, Δ) triples.
         top_k: |H*| when ``heads`` holds all scores (None: the callback's own H*, else the
             architecture default: LLaVA 30, Qwen2.5-VL 25, others 30).
         top_ratio: budget, the global top fraction of L × I (§3 default 0.01).
         task: None reads it from the first batch.
-        idf: caption IDF ``[vocab]``; "auto" computes it from ``trainer.datamodule.items``
-            for captions (each reference a document); None: w_t = 1.
+        idf: caption weights (§3): "auto" computes the IDF from ``trainer.datamodule.items``
+            (the discovery split; each reference caption a document); a list of the discovery
+            split's caption ``TaskItem``s does the same without a datamodule; or a ``[vocab]``
+            tensor (``hones.attribution.write_in.idf_from_items(adapter, items)``); None: w_t = 1.
+            Only captions use it.
         activation_statistics: also accumulate AP / MA (prompt positions).
         gradient_baseline: also accumulate gradient × activation (a backward per batch).
         baseline_seed: seed of the random baseline.
@@ -391,7 +440,7 @@ class NeuronAttributionCallback(_AttributionCallback):
         top_k: int | None = None,
         top_ratio: float = 0.01,
         task: str | None = None,
-        idf: Tensor | str | None = "auto",
+        idf: Tensor | str | Sequence[Any] | None = "auto",
         rows_per_forward: int = 64,
         activation_statistics: bool = True,
         gradient_baseline: bool = False,
@@ -446,13 +495,19 @@ class NeuronAttributionCallback(_AttributionCallback):
     def _resolve_idf(self, trainer: L.Trainer, adapter: Any, task: str) -> Tensor | None:
         if isinstance(self.idf, Tensor) or self.idf is None:
             return self.idf
-        if self.idf != "auto":
-            raise ValueError(f"idf must be a tensor, 'auto' or None; got {self.idf!r}")
+        if isinstance(self.idf, str) and self.idf != "auto" or not isinstance(self.idf, (str, Sequence)):
+            raise ValueError(f"idf must be 'auto', a list of TaskItems, a [vocab] tensor or None; got {self.idf!r}")
         if task != "caption":
             return None
-        items = getattr(getattr(trainer, "datamodule", None), "items", None)
-        if not items:
-            raise ValueError("idf='auto' needs trainer.datamodule.items (the discovery split); pass idf=<tensor> instead")
+        if isinstance(self.idf, str):
+            items = getattr(getattr(trainer, "datamodule", None), "items", None)
+            if not items:
+                raise ValueError(
+                    "idf='auto' needs trainer.datamodule.items (the discovery split); without a datamodule pass "
+                    "idf=<the discovery split's caption TaskItems>, a [vocab] tensor, or None"
+                )
+        else:
+            items = check_items(self.idf)
         return idf_from_items(adapter, items).to(self._device)
 
     def _batch(self, trainer: L.Trainer, pl_module: L.LightningModule, adapter: Any, batch: Mapping[str, Any]) -> None:
@@ -493,7 +548,7 @@ class NeuronAttributionCallback(_AttributionCallback):
 
 
 # -- §4 -----------------------------------------------------------------------------------------
-BankSource = Mapping[str, "Sequence[BankEntry] | str | os.PathLike"] | NeuronAttributionCallback
+BankSource = Mapping[str, Any] | NeuronAttributionCallback | str | os.PathLike
 
 
 class MaskingVerificationCallback(_AttributionCallback):
@@ -503,8 +558,10 @@ class MaskingVerificationCallback(_AttributionCallback):
     ``zero_neurons`` on the bank's neurons (every position, prompt and generated tokens).
 
     Args:
-        banks: name -> bank (entries or a bank JSON path), or a finished
-            ``NeuronAttributionCallback`` (its HONES bank and baselines).
+        banks: name -> bank (``BankEntry`` list, bank JSON path, ``{layer: neuron ids}`` or
+            ``(layer, neuron)`` pairs; checked against the model), a finished
+            ``NeuronAttributionCallback`` (its HONES bank and baselines), or the folder it wrote
+            (every ``bank_<name>.json`` in it).
         task: None reads it from the first batch.
         metric_mode: "paper" | "official"; max_new_tokens: generation budget (§1: 24).
         target_logprob: also measure a teacher-forced score with and without each bank (not
@@ -543,17 +600,25 @@ class MaskingVerificationCallback(_AttributionCallback):
         self._device: torch.device | None = None
 
     def _resolve_banks(self, adapter: Any) -> dict[str, list[BankEntry]]:
-        if isinstance(self.bank_source, NeuronAttributionCallback):
-            if not self.bank_source.banks:
+        source = self.bank_source
+        if isinstance(source, NeuronAttributionCallback):
+            if not source.banks:
                 raise RuntimeError("the NeuronAttributionCallback has no banks yet (run its stage first)")
-            return dict(self.bank_source.banks)
-        banks: dict[str, list[BankEntry]] = {}
-        for name, bank in self.bank_source.items():
-            if isinstance(bank, (str, os.PathLike)):
-                banks[name] = read_bank(bank, adapter.num_layers, adapter.ffn_width)
-            else:
-                banks[name] = list(bank)
-        return banks
+            return dict(source.banks)
+        if isinstance(source, (str, os.PathLike)):  # a NeuronAttributionCallback's output_dir
+            files = sorted(Path(source).glob("bank_*.json")) if Path(source).is_dir() else []
+            if not files:
+                raise BankError(f"{source}: no bank_<name>.json files (a NeuronAttributionCallback's output_dir)")
+            source = {file.stem[len("bank_"):]: file for file in files}
+        if not isinstance(source, Mapping):
+            raise BankError(
+                "MaskingVerificationCallback: banks must be a mapping name -> bank, a NeuronAttributionCallback or "
+                f"its output folder; got {type(source).__name__}"
+            )
+        return {
+            name: as_bank(bank, adapter.num_layers, adapter.ffn_width, source=f"banks[{name!r}]")
+            for name, bank in source.items()
+        }
 
     def accumulators(self) -> dict[str, torch.nn.Module]:
         found = {} if self.metrics is None else {"metrics": self.metrics}

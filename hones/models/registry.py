@@ -70,8 +70,28 @@ def adapter_class(model_type: str) -> type[VLMAdapter]:
 
 
 def wrap_model(model: PreTrainedModel, processor: Any, name: str = "") -> VLMAdapter:
-    """Wrap an in-memory HF model + processor (e.g. from `hones.models.tiny`) in its adapter."""
-    return adapter_class(model.config.model_type)(model, processor, name=name)
+    """Wrap an in-memory HF model + its image-text processor (``image_processor`` and ``tokenizer``
+    attributes, e.g. ``AutoProcessor``'s for a LLaVA folder) in its architecture's adapter.
+
+    For a Qwen2.5-VL folder without a video processor (the toy models, or no torchvision),
+    ``AutoProcessor`` returns only the tokenizer: use ``load_processor(path)``.
+    """
+    cls = adapter_class(model.config.model_type)
+    if not (hasattr(processor, "image_processor") and hasattr(processor, "tokenizer")):
+        raise TypeError(
+            f"wrap_model: the processor is a {type(processor).__name__}, not an image-text processor (with "
+            f"image_processor and tokenizer); load it with hones.models.load_processor(<model folder or hub id>) "
+            "(AutoProcessor returns the bare tokenizer for a Qwen2.5-VL folder without a video processor)"
+        )
+    return cls(model, processor, name=name)
+
+
+def load_processor(path_or_hub_id: str, trust_remote_code: bool = False) -> Any:
+    """The image-text processor ``wrap_model`` takes for a model folder or hub id (its architecture's
+    ``load_processor``: LLaVA's ``LlavaProcessor``; Qwen2.5-VL's tokenizer and image processor,
+    without the video processor that ``AutoProcessor`` would need)."""
+    config = AutoConfig.from_pretrained(str(path_or_hub_id), trust_remote_code=trust_remote_code)
+    return adapter_class(config.model_type).load_processor(str(path_or_hub_id), trust_remote_code=trust_remote_code)
 
 
 def load_adapter(

@@ -16,6 +16,13 @@ The module only has to expose its VLM (``adapter`` attribute or ``get_adapter()`
 - ``on_fit_end``: writes ``scales.json`` / ``scales.safetensors`` to ``export_dir``;
 - ``teardown``: removes the hooks and restores the ``requires_grad`` flags it changed.
 
+The scaling is active only while the callback is part of a Trainer stage. After the stage the
+scaler stays attached as ``pl_module.neuron_scaler`` (so the module's ``state_dict`` and
+checkpoints keep s) but scales nothing: a later ``trainer.validate`` without the callback runs
+the unscaled model. To evaluate learned scales, pass the callback again (or
+``NeuronSteeringCallback(pl_module.neuron_scaler)``, or ``load_scales(<exported file>)``) to that Trainer, or wrap
+plain code in ``hones.steering.apply_scales(adapter, scales)``.
+
 The loss stays the module's: return ``callback.objective(self, batch).outputs()`` (or
 ``steering_objective(self.adapter, self.neuron_scaler, batch).outputs()``) from
 ``training_step`` for the §5 objective.
@@ -103,7 +110,12 @@ class NeuronSteeringCallback(Callback):
         if attached is None:
             pl_module.add_module(self.attribute, self.scaler)
         elif attached is not self.scaler:
-            raise ValueError(f"{type(pl_module).__name__}.{self.attribute} already holds another module")
+            what = "an earlier NeuronSteeringCallback's scaler" if isinstance(attached, NeuronScaler) else type(attached).__name__
+            raise ValueError(
+                f"{type(pl_module).__name__}.{self.attribute} already holds {what}; to steer again with it, pass it on: "
+                f"NeuronSteeringCallback(module.{self.attribute}); for a new one, `del module.{self.attribute}` first "
+                "or give attribute=<another name>"
+            )
         self.scaler.to(adapter.device)
         if not self._flags:
             self._flags.append((pl_module, freeze_parameters(pl_module, keep=[self.scaler.s])))
