@@ -33,10 +33,18 @@ from hones.attribution.baselines import (
     random_selection,
     select_top_neurons,
 )
-from hones.attribution.heads import HeadScores, candidate_heads, head_score_agreement, heads_by_layer, row_head_list
-from hones.attribution.neurons import NeuronAttributor, head_conditioned_importance, positive_heads
+from hones.attribution.heads import (
+    DEFAULT_TOP_K,
+    HeadScores,
+    MetricHeadAccumulator,
+    candidate_heads,
+    head_score_agreement,
+    heads_by_layer,
+    row_head_list,
+)
+from hones.attribution.neurons import NeuronAttribution, NeuronAttributor, head_conditioned_importance, positive_heads
 from hones.attribution.stats import ActivationStatistics, HeadUtilityAccumulator, RunningMean, StackedRunningMean
-from hones.attribution.write_in import caption_idf, projected_directions, target_directions, write_in
+from hones.attribution.write_in import caption_idf, label_token_ids, projected_directions, target_directions, write_in
 
 
 # -- importance (HONES_METHOD §3) --------------------------------------------------------------
@@ -99,6 +107,21 @@ def test_selection_ties_and_nan() -> None:
     assert len(select_top_neurons(scores, count=10)) == 5  # NaN never selected
 
 
+def test_attribution_select_defaults_to_the_global_top_one_percent() -> None:
+    importance = torch.arange(4 * 50, dtype=torch.float64).flip(0).view(4, 50)  # 200 neurons, best first
+    result = NeuronAttribution(importance, importance, torch.zeros(0, 4, 50), [], torch.zeros(0))
+    assert [(e.layer, e.neuron) for e in result.select()] == [(0, 0), (0, 1)]  # §3 default top_ratio 0.01
+
+
+def test_random_baseline_bank_keeps_the_reference_per_layer_counts() -> None:
+    importance = torch.rand(4, 20, dtype=torch.float64)
+    result = NeuronAttribution(importance, importance, torch.zeros(0, 4, 20), [], torch.zeros(0), baselines={"write_in": importance})
+    reference = [BankEntry(3, 1, 1.0, 0), BankEntry(1, 4, 0.9, 1), BankEntry(3, 7, 0.8, 2), BankEntry(3, 2, 0.7, 3)]
+    banks = result.baseline_banks(reference, seed=5)
+    assert neurons_per_layer(banks["random"], 4).tolist() == [0, 1, 0, 3]  # §4: same per-layer counts
+    assert len(banks["write_in"]) == len(reference)
+
+
 def test_random_baseline_has_same_per_layer_counts_and_is_seeded() -> None:
     reference = [BankEntry(0, 1, 1.0, 0), BankEntry(2, 3, 0.9, 1), BankEntry(2, 8, 0.8, 2), BankEntry(3, 0, 0.7, 3)]
     state = torch.random.get_rng_state()
@@ -145,6 +168,13 @@ def test_target_direction_weights_and_normalisation() -> None:
     torch.testing.assert_close(weighted[0], torch.tensor([3.0, 1.0]) / math.sqrt(10))
     with pytest.raises(ValueError, match="no target token"):
         target_directions(unembedding, [[0], []])
+
+
+def test_label_token_ids_drop_ignored_and_special_tokens_and_keep_at_most_128() -> None:
+    labels = torch.tensor([[-100, -100, 7, 2, 9, 2], [-100, 5, 1, -100, 6, -100]])
+    assert label_token_ids(labels, special_ids=[1, 2]) == [[7, 9], [5, 6]]
+    long = torch.arange(10, 310)[None]  # 300 target tokens
+    assert label_token_ids(long, special_ids=[]) == [list(range(10, 138))]
 
 
 def test_caption_idf_formula() -> None:
@@ -205,6 +235,43 @@ def test_head_utility_accumulator() -> None:
     assert math.isnan(float(out["delta"][0, 0]))
 
 
+def test_metric_head_delta_is_baseline_minus_intervened() -> None:
+    # §2: Δ = P(θ) − P(θ with I_h); a head whose intervention hurts the metric gets Δ > 0
+    acc = MetricHeadAccumulator("vqa", [(0, 1), (1, 0)], num_layers=2, num_heads=2)
+    right = [{"uid": "a", "prediction": "red", "references": ["red"]}, {"uid": "b", "prediction": "two", "references": ["two"]}]
+    one_wrong = [right[0], {**right[1], "prediction": "three"}]
+    both_wrong = [{**row, "prediction": "blue"} for row in right]
+    acc.update({None: right, (0, 1): both_wrong, (1, 0): one_wrong})
+    out = acc.compute()
+    assert float(out["baseline"]) == 1.0
+    assert float(out["delta"][0, 1]) == pytest.approx(1.0) and float(out["delta"][1, 0]) == pytest.approx(0.5)
+    assert math.isnan(float(out["delta"][0, 0]))
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")
+def test_running_sums_merge_by_addition() -> None:
+    # distributed accumulation: every state is a sum, so two shards merged equal one pass
+    values = torch.randn(5, 2, 3)
+    first, second = RunningMean((2, 3)), RunningMean((2, 3))
+    first.update(values[:2])
+    second.update(values[2:])
+    first.merge_state(second)
+    torch.testing.assert_close(first.compute(), values.double().mean(0))
+    slots = torch.tensor([0, 1, 0, 0, 1])
+    stacked_a, stacked_b = StackedRunningMean(2, (2, 3)), StackedRunningMean(2, (2, 3))
+    stacked_a.update(slots[:3], values[:3])
+    stacked_b.update(slots[3:], values[3:])
+    stacked_a.merge_state(stacked_b)
+    torch.testing.assert_close(stacked_a.compute()[0], values[[0, 2, 3]].double().mean(0))
+    torch.testing.assert_close(stacked_a.compute()[1], values[[1, 4]].double().mean(0))
+    acc_a, acc_b = HeadUtilityAccumulator(1, 2), HeadUtilityAccumulator(1, 2)
+    acc_a.update(torch.tensor([1.0, 3.0]), [(0, 1)], torch.tensor([[0.0, 1.0]]))
+    acc_b.update(torch.tensor([5.0]), [(0, 1)], torch.tensor([[8.0]]))
+    acc_a.merge_state(acc_b)
+    out = acc_a.compute()
+    assert float(out["baseline"]) == pytest.approx(3.0) and float(out["intervened"][0, 1]) == pytest.approx(3.0)
+
+
 def test_activation_statistics() -> None:
     stats = ActivationStatistics(1, 2)
     stats.update(torch.tensor([[2.0, 0.0]]), torch.tensor([[3.0, -1.0]]), torch.tensor([[3.0, 1.0]]), 4)
@@ -226,6 +293,10 @@ def test_head_ranking_chunks_and_agreement() -> None:
     assert same["spearman"] == pytest.approx(1.0) and same["top_k_overlap"] == 1.0
     flipped = HeadScores(delta=-delta, intervened=delta, baseline=0.0)
     assert head_score_agreement(scores, flipped, k=1)["spearman"] < 0
+
+
+def test_default_top_k_is_the_papers() -> None:
+    assert DEFAULT_TOP_K == {"llava": 30, "qwen2_5_vl": 25}  # §2: |H*| for LLaVA-1.5-7B / Qwen2.5-VL-7B
 
 
 # -- bank I/O and validation --------------------------------------------------------------------

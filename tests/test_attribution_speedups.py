@@ -203,6 +203,19 @@ def test_neuron_attribution_equals_plain_full_forwards(adapter: VLMAdapter, make
     assert len(bank) == round(0.01 * adapter.num_layers * adapter.ffn_width)
 
 
+def test_activation_baseline_is_mean_abs_z_at_the_last_prompt_position(adapter: VLMAdapter, make_image) -> None:
+    """§4's activation-magnitude baseline: mean over items of |z| at each item's last prompt position."""
+    batch = encode_items(adapter, vqa_items(make_image), with_targets=True)
+    attributor = NeuronAttributor(adapter.num_layers, adapter.ffn_width, [(1, 0)], [1.0], "vqa")
+    attributor.update(adapter, batch)
+    result = attributor.compute()
+    with torch.no_grad(), capture_ffn_activations(adapter, positions=batch["prompt_last_index"]) as captured:
+        base_hidden_states(adapter, batch)
+    z = torch.stack([captured[l] for l in range(adapter.num_layers)], dim=1).double()  # [b, L, I]
+    assert bool((z < 0).any())  # gated activations go negative: |z| and z differ
+    torch.testing.assert_close(result.baselines["activation"], z.abs().mean(0), atol=1e-6, rtol=1e-5)
+
+
 def test_activation_statistics_collector_equals_full_capture(adapter: VLMAdapter, make_image) -> None:
     batch = encode_items(adapter, vqa_items(make_image), with_targets=True)
     stats = ActivationStatistics(adapter.num_layers, adapter.ffn_width)
@@ -280,3 +293,40 @@ def test_item_target_directions_follow_the_method(adapter: VLMAdapter, make_imag
     vqa_ids = target_token_ids(adapter.tokenizer, QA[0][1])
     plain = unembedding[vqa_ids].sum(0)
     torch.testing.assert_close(dirs[4], plain / plain.norm(), atol=1e-5, rtol=1e-5)
+
+
+def test_target_tokens_drop_special_tokens_and_keep_at_most_128(adapter: VLMAdapter, make_image) -> None:
+    from hones.attribution.write_in import label_token_ids, target_token_ids
+
+    tokenizer = adapter.tokenizer
+    special = set(tokenizer.all_special_ids)
+    eos = tokenizer.all_special_tokens[0]
+    raw = tokenizer(f"red square {eos} blue", add_special_tokens=False)["input_ids"]
+    assert special & set(raw)  # the tokenizer keeps the special token in the text
+    assert target_token_ids(tokenizer, f"red square {eos} blue") == [t for t in raw if t not in special]
+    long_text = " ".join(["red square"] * 100)  # 200 tokens
+    assert len(tokenizer(long_text, add_special_tokens=False)["input_ids"]) > 128
+    assert target_token_ids(tokenizer, long_text) == tokenizer(long_text, add_special_tokens=False)["input_ids"][:128]
+    # teacher-forcing labels end with the end-of-turn token: it is not part of u_y
+    targets = ["two circles", "red"]
+    batch = adapter.encode([make_image(seed=0), make_image(seed=1)], ["what?", "which colour?"], targets)
+    rows = [[t for t in row if t != -100] for row in batch["labels"].tolist()]
+    assert all(row[-1] in special for row in rows)
+    assert label_token_ids(batch["labels"], special) == [row[:-1] for row in rows]
+
+
+def test_idf_weights_only_caption_targets(adapter: VLMAdapter, make_image) -> None:
+    """§3: w_t is the IDF for captions only; a multi-token vqa target keeps w_t = 1."""
+    from hones.attribution.write_in import idf_from_items, target_token_ids
+
+    refs = ["a red square on grass", "two circles", "a red square"]
+    caption = TaskItem(uid="toy:0:caption", task="caption", image=make_image(seed=0), prompt="Describe the image in one sentence.",
+                       target=refs[0], references=refs)
+    question = TaskItem(uid="toy:1:vqa", task="vqa", image=make_image(seed=1), prompt="what is there?",
+                        target="two red circles on grass", references=["two red circles on grass"])
+    idf = idf_from_items(adapter, [caption, question])
+    ids = target_token_ids(adapter.tokenizer, question.target)
+    assert len(set(float(idf[t]) for t in ids)) > 1  # the IDF would change this target's direction
+    dirs = item_target_directions(adapter, [caption, question], idf)
+    plain = adapter.unembedding().float()[ids].sum(0)
+    torch.testing.assert_close(dirs[1], plain / plain.norm(), atol=1e-5, rtol=1e-5)

@@ -26,7 +26,7 @@ from hones.models import VLMAdapter, build_tiny_llava, wrap_model
 from hones.steering.callback import NeuronSteeringCallback
 from hones.steering.methods import GRID_FACTORS, METHODS, factor_to_scale
 from hones.steering.module import SteeringModule, cosine_decay_factor
-from hones.steering.objective import steering_objective, target_kl, target_logits
+from hones.steering.objective import scale_l2, steering_objective, target_cross_entropy, target_kl, target_logits
 from hones.steering.protocol import freeze_parameters, resolve_adapter
 from hones.steering.scales import apply_scales, load_scales, save_scales, scale_statistics, scales_to_rows
 from hones.steering.selection import random_neurons_like
@@ -130,6 +130,41 @@ def test_teacher_is_the_same_model_without_scaling(steerable: VLMAdapter, make_i
             teacher, _ = target_logits(steerable, batch)
     assert torch.equal(teacher, base)  # scaling off = the unsteered model, no second copy
     assert float(target_kl(base, base, labels)) == 0.0
+
+
+def test_kl_is_original_to_scaled_on_target_positions_only() -> None:
+    # §5: KL(p_original ‖ p_scaled), averaged over the positions that predict a target token
+    original = torch.tensor([[[2.0, 0.0, -1.0], [0.0, 0.0, 0.0], [1.0, -3.0, 0.5]]])
+    scaled = torch.tensor([[[0.0, 1.0, 0.0], [5.0, -5.0, 0.0], [-1.0, 2.0, 0.0]]])
+    labels = torch.tensor([[4, -100, 1]])  # the middle position predicts no target token
+    p_o, p_s = original.softmax(-1), scaled.softmax(-1)
+    per_position = (p_o * (p_o.log() - p_s.log())).sum(-1)[0]
+    reverse = (p_s * (p_s.log() - p_o.log())).sum(-1)[0]
+    assert float((reverse[0] + reverse[2]) / 2) != pytest.approx(float((per_position[0] + per_position[2]) / 2), rel=1e-3)
+    assert float(target_kl(original, scaled, labels)) == pytest.approx(float((per_position[0] + per_position[2]) / 2), rel=1e-5)
+
+
+def test_objective_is_ce_plus_beta_kl_plus_lambda_mean_square(
+    steerable: VLMAdapter, make_image: Callable[..., Image.Image]
+) -> None:
+    batch = toy_batch(steerable, make_image)
+    freeze_parameters(steerable.model)
+    scaler = NeuronScaler(selection(steerable))
+    with torch.no_grad():
+        scaler.s.copy_(torch.linspace(-1.0, 1.5, scaler.num_neurons))
+    assert float(scale_l2(scaler.s)) == pytest.approx(float((scaler.s.detach() ** 2).sum()) / scaler.num_neurons)
+    with scale_neurons(steerable, scaler):
+        loss = steering_objective(steerable, scaler, batch, beta=50.0, l2_weight=0.2)  # β large: β·KL is visible in the total
+        with torch.no_grad():
+            scaled, labels = target_logits(steerable, batch)
+            with scaler.disabled():
+                original, _ = target_logits(steerable, batch)
+    parts = loss.parts()
+    assert parts["ce"] == pytest.approx(float(target_cross_entropy(scaled, labels)), rel=1e-5)
+    assert parts["kl"] == pytest.approx(float(target_kl(original, scaled, labels)), rel=1e-4) and parts["kl"] > 0
+    assert parts["l2"] == pytest.approx(float(scale_l2(scaler.s)), rel=1e-6)
+    assert 50.0 * parts["kl"] > 1e-4 * parts["ce"]
+    assert parts["loss"] == pytest.approx(parts["ce"] + 50.0 * parts["kl"] + 0.2 * parts["l2"], rel=1e-6)
 
 
 def test_zero_scales_equal_base_logits(steerable: VLMAdapter, make_image: Callable[..., Image.Image]) -> None:
@@ -370,6 +405,64 @@ def test_methods_and_schedule() -> None:
     assert [factor_to_scale(f) for f in GRID_FACTORS] == [-0.5, -0.25, 0.0, 0.25, 0.5, 1.0]
     assert cosine_decay_factor(0, 10) == 1.0 and cosine_decay_factor(10, 10) == pytest.approx(0.1)
     assert cosine_decay_factor(5, 10) == pytest.approx(0.55)
+
+
+def test_fixed_amp_doubles_every_selected_neuron(llava: VLMAdapter, tmp_path: Path) -> None:
+    neurons = selection(llava, per_layer=4)
+    bank = write_selection(tmp_path / "bank.json", neurons)
+    module = SteeringModule(model="tiny", task="vqa", bank=str(bank), adapter_factory=lambda: llava, **METHODS["fixed_amp"].overrides)
+    module.configure_model()
+    z = torch.rand(2, 3, llava.ffn_width) + 0.5
+    scaled = module.scaler.scale(1, z)
+    index = neurons[1]
+    torch.testing.assert_close(scaled[..., index], 2.0 * z[..., index])  # §5: x2.0, i.e. 1 + s = 2
+    others = torch.ones(llava.ffn_width, dtype=torch.bool)
+    others[index] = False
+    assert torch.equal(scaled[..., others], z[..., others])
+
+
+def test_grid_search_keeps_the_best_dev_factor_ties_closest_to_one(tmp_path: Path) -> None:
+    from hones.steering.compare import Comparison
+
+    comparison = Comparison.__new__(Comparison)  # grid_search needs only evaluation_pass here
+    comparison.output_dir = tmp_path
+    method = METHODS["grid_search"]
+    for dev, best in [
+        ({0.5: 0.1, 0.75: 0.2, 1.0: 0.3, 1.25: 0.6, 1.5: 0.4, 2.0: 0.5}, 1.25),
+        ({0.5: 0.7, 0.75: 0.2, 1.0: 0.3, 1.25: 0.7, 1.5: 0.4, 2.0: 0.7}, 1.25),  # tie: closest to x1
+    ]:
+        comparison.evaluation_pass = lambda name, key, fingerprint, run, dev=dev: {"metric": dev[float(key.removeprefix("dev_x"))]}
+        chosen, scores = comparison.grid_search(method, dev=None, fingerprint={})
+        assert chosen == best and scores == dev
+
+
+def test_grid_search_factor_is_chosen_on_the_dev_split() -> None:
+    from types import SimpleNamespace
+
+    from hones.steering.compare import Comparison
+
+    class Chosen(Exception):
+        pass
+
+    comparison = Comparison.__new__(Comparison)
+    comparison.settings = {"methods": ["grid_search"], "dev_split_file": "dev.json", "test_split_file": "test.json"}
+    comparison.data_args = {}
+    comparison.grid_factors = GRID_FACTORS
+    comparison.datamodule = lambda **kwargs: kwargs
+    comparison.ood_datamodule = lambda: {"split": "ood"}
+    comparison.method_fingerprint = lambda name: {}
+    comparison.state = SimpleNamespace(is_done=lambda stage, fingerprint: False)
+    comparison.has_passes = lambda name, fingerprint: True
+    searched = []
+
+    def grid_search(method: Any, data: Any, fingerprint: Any) -> None:
+        searched.append(data)
+        raise Chosen
+
+    comparison.grid_search = grid_search
+    with pytest.raises(Chosen):
+        comparison.run()
+    assert searched == [{"split": "dev", "split_file": "dev.json", "training": False, "limit": None}]
 
 
 def test_random_neurons_keep_per_layer_counts() -> None:
