@@ -131,6 +131,14 @@ def test_retrieval_items_and_hard_negatives() -> None:
         assert sorted((len(word_set(n) & word_set(caption)) for n in negatives), reverse=True) == overlap[:10]
 
 
+def test_retrieval_default_is_one_positive_and_49_negatives() -> None:
+    records = [caption_record(str(i), [f"photo {i} of a thing", f"thing {i} seen again"]) for i in range(30)]
+    items = build_task_items(records, "retrieval")  # §1: NDCG@5 over 1 positive + 49 negatives
+    for record in records:
+        group = [i for i in items if i.group == record.image_id]
+        assert len(group) == 50 and sum(i.label for i in group) == 1
+
+
 def test_retrieval_independent_of_order_and_sharding() -> None:
     records = [caption_record(str(i), [f"caption {i} about thing {i % 7}", f"another {i % 5} words"])
                for i in range(40)]  # fmt: skip
@@ -172,3 +180,25 @@ def test_caption_idf_hand_case() -> None:
     idf = caption_idf(sets)
     assert idf[0] == pytest.approx(1.0) and idf[1] == pytest.approx(math.log(4 / 3) + 1)
     assert idf[2] == pytest.approx(math.log(2) + 1)
+
+
+def test_references_are_the_first_five_captions(coco: list[SourceRecord], caplog: pytest.LogCaptureFixture) -> None:
+    """§1: up to 5 reference captions. A few images of the real COCO sample have 6; their caption
+    and retrieval items use the first 5 (target and positive drawn from them), and the log counts them."""
+    records = [record for record in coco if record.captions]
+    six = [record for record in records if len(record.captions) > 5]
+    assert six, "the real sample has images with more than 5 captions"
+    with caplog.at_level("INFO", logger="hones.data"):
+        captions = build_task_items(six, "caption")
+    assert f"caption: {len(six)} of {len(six)} images have more than 5 captions" in caplog.text
+    for record, item in zip(six, captions):
+        assert item.references == record.captions[:5] and item.target in record.captions[:5]
+    retrieval = build_task_items(records, "retrieval")
+    owners = {record.image_id: record.captions for record in six}
+    for item in retrieval:
+        if item.group in owners:
+            assert item.references == owners[item.group][:5]
+            if item.label:
+                assert item.prompt.splitlines()[0].removeprefix("Candidate: ") in owners[item.group][:5]
+            else:  # a negative is never one of the image's own captions, the sixth included
+                assert item.prompt.splitlines()[0].removeprefix("Candidate: ") not in owners[item.group]

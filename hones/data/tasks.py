@@ -5,8 +5,9 @@
 - ``ocr``: target = the text; the image gets a blue box around the text's bbox when loaded
   (:class:`OCRTaskItem`, :func:`draw_ocr_box`). Question-only records (TextVQA, the OOD set
   for OCR) have no box: they use the VQA prompt with their question and answers;
-- ``caption``: target = one seeded-random reference, references = all of them;
-- ``retrieval``: per image 1 positive (a seeded-random reference) + ``n_neg`` hard negatives
+- ``caption``: target = one seeded-random reference, references = all of them (an image's
+  first ``MAX_CAPTIONS`` = 5 captions, §1; a few COCO images have more, which are counted in the log);
+- ``retrieval``: per image 1 positive (a seeded-random one of those references) + ``n_neg`` hard negatives
   (of ~50 x n_neg sampled captions of other images, those with the largest word overlap
   with the positive), shuffled, scored as one NDCG group. Training items instead give the
   positive ("Yes") and ``train_negatives`` sampled hard negatives ("No").
@@ -60,6 +61,7 @@ PROMPTS: dict[str, str] = {
 N_NEGATIVES = 49  # §1: NDCG@5 over 1 positive + 49 negatives
 CANDIDATES_PER_NEGATIVE = 50  # §1: sample ~50 x n_neg candidates
 TRAIN_NEGATIVES = 4  # §5: positive -> "Yes" plus 4 sampled negatives -> "No"
+MAX_CAPTIONS = 5  # §1 / §6: an image's reference captions are (up to) its first 5
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -159,8 +161,9 @@ def _retrieval_items(
     short = 0
     for record in records:
         rng = np.random.default_rng(stable_seed(seed, record.image_id, "retrieval"))
-        positive = record.captions[int(rng.integers(len(record.captions)))]
-        negatives = hard_negatives(positive, record.captions, record.image_id, pool, rng, n_neg)
+        references = _references(record)
+        positive = references[int(rng.integers(len(references)))]
+        negatives = hard_negatives(positive, record.captions, record.image_id, pool, rng, n_neg)  # none of its own captions
         short += len(negatives) < n_neg
         if training:
             keep = rng.choice(len(negatives), size=min(train_negatives, len(negatives)), replace=False)
@@ -175,7 +178,7 @@ def _retrieval_items(
                     image=record.image,
                     prompt=task_prompt("retrieval", caption=caption),
                     target="Yes" if label else "No",
-                    references=list(record.captions),
+                    references=references,
                     group=record.image_id,
                     label=label,
                 )
@@ -247,10 +250,15 @@ def _caption_item(record: SourceRecord, seed: int) -> TaskItem:
         task="caption",
         image=record.image,
         prompt=task_prompt("caption"),
-        target=stable_rng(seed, record.image_id, "caption").choice(record.captions),
-        references=list(record.captions),
+        target=stable_rng(seed, record.image_id, "caption").choice(_references(record)),
+        references=_references(record),
         group=record.image_id,
     )
+
+
+def _references(record: SourceRecord) -> list[str]:
+    """An image's reference captions: its first ``MAX_CAPTIONS`` (§1: up to 5; a few COCO images have 6 or 7)."""
+    return list(record.captions[:MAX_CAPTIONS])
 
 
 def _caption_records(records: Sequence[SourceRecord], task: str) -> list[SourceRecord]:
@@ -260,6 +268,9 @@ def _caption_records(records: Sequence[SourceRecord], task: str) -> list[SourceR
         if not record.captions:
             raise _need(record, task, "captions")
         by_image.setdefault(record.image_id, record)
+    more = sum(len(record.captions) > MAX_CAPTIONS for record in by_image.values())
+    if more:
+        logger.info("%s: %d of %d images have more than %d captions: their first %d are the references", task, more, len(by_image), MAX_CAPTIONS, MAX_CAPTIONS)
     return list(by_image.values())
 
 
