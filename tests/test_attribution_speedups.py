@@ -264,14 +264,16 @@ def test_gradient_times_activation_matches_finite_differences(adapter: VLMAdapte
 
 
 # -- target directions on a real tokenizer ------------------------------------------------------------
+def caption_item(make_image, refs: list[str], seed: int = 0, target: str | None = None) -> TaskItem:
+    return TaskItem(uid=f"toy:{seed}:caption", task="caption", image=make_image(seed=seed),
+                    prompt="Describe the image in one sentence.", target=refs[0] if target is None else target, references=refs)  # fmt: skip
+
+
 def test_item_target_directions_follow_the_method(adapter: VLMAdapter, make_image) -> None:
     from hones.attribution.write_in import idf_from_items, target_token_ids
 
     refs = ["a red square on grass", "two circles", "a red square"]
-    caption = TaskItem(uid="toy:0:caption", task="caption", image=make_image(seed=0), prompt="Describe the image in one sentence.",
-                       target=refs[0], references=refs)
-    other = TaskItem(uid="toy:1:caption", task="caption", image=make_image(seed=1), prompt="Describe the image in one sentence.",
-                     target="blue", references=["blue sky"])
+    caption, other = caption_item(make_image, refs), caption_item(make_image, ["blue sky"], seed=1, target="blue")
     items = [caption, other, *retrieval_items(make_image, n=2), vqa_items(make_image, n=1)[0]]
     idf = idf_from_items(adapter, items)
     dirs = item_target_directions(adapter, items, idf)
@@ -319,9 +321,7 @@ def test_idf_weights_only_caption_targets(adapter: VLMAdapter, make_image) -> No
     """§3: w_t is the IDF for captions only; a multi-token vqa target keeps w_t = 1."""
     from hones.attribution.write_in import idf_from_items, target_token_ids
 
-    refs = ["a red square on grass", "two circles", "a red square"]
-    caption = TaskItem(uid="toy:0:caption", task="caption", image=make_image(seed=0), prompt="Describe the image in one sentence.",
-                       target=refs[0], references=refs)
+    caption = caption_item(make_image, ["a red square on grass", "two circles", "a red square"])
     question = TaskItem(uid="toy:1:vqa", task="vqa", image=make_image(seed=1), prompt="what is there?",
                         target="two red circles on grass", references=["two red circles on grass"])
     idf = idf_from_items(adapter, [caption, question])
