@@ -5,6 +5,7 @@ that says what to give instead.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -143,6 +144,9 @@ def test_heads_json_gives_the_same_heads_as_head_scores(tmp_path: Path) -> None:
         from_json = _heads_and_deltas(str(tmp_path / "heads.json"), k, default_k=3)
         assert from_json == _heads_and_deltas(tmp_path / "head_scores.safetensors", k, default_k=3)
     assert _heads_and_deltas(str(tmp_path / "heads.json"), 2)[0] == [(1, 1), (0, 0)]
+    listing = json.loads((tmp_path / "heads.json").read_text())
+    (tmp_path / "heads.json").write_text(json.dumps({**listing, "top_k": 2}))  # as analyze.py records its |H*|
+    assert _heads_and_deltas(str(tmp_path / "heads.json"), None, default_k=3)[0] == [(1, 1), (0, 0)]
 
 
 def test_caption_idf_from_items_without_a_datamodule(tiny_llava: VLMAdapter, make_image) -> None:

@@ -393,12 +393,15 @@ def _heads_and_deltas(source: HeadSource, top_k: int | None, default_k: int = 30
         heads = source.top_heads if top_k is None else source.scores.top_heads(top_k)
         return heads, [float(source.scores.delta[h]) for h in heads]
     if isinstance(source, (str, os.PathLike)) and Path(source).suffix == ".json":  # a heads.json head list
+        from hones import io
+
         rows = read_head_list(source)
         if all("rank" in row for row in rows):
             rows = sorted(rows, key=lambda row: int(row["rank"]))
         else:
             rows = sorted(rows, key=lambda row: -float(row["delta"]))
-        rows = rows[: top_k if top_k is not None else default_k]
+        stored = io.read_json(source).get("top_k")  # analyze.py records its run's |H*|
+        rows = rows[: top_k if top_k is not None else stored if isinstance(stored, int) else default_k]
         return [(int(r["layer"]), int(r["head"])) for r in rows], [float(r["delta"]) for r in rows]
     if isinstance(source, (str, os.PathLike)):
         source = load_head_scores(source)
@@ -416,8 +419,9 @@ class NeuronAttributionCallback(_AttributionCallback):
         heads: H* — a ``HeadLocalizationCallback`` (run before), ``HeadScores``, a
             ``head_scores.safetensors`` or ``heads.json`` path (its output files), or
             (layer, head, Δ) triples.
-        top_k: |H*| when ``heads`` holds all scores (None: the callback's own H*, else the
-            architecture default: LLaVA 30, Qwen2.5-VL 25, others 30).
+        top_k: |H*| when ``heads`` holds all scores (None: the callback's own H*, or the
+            ``top_k`` that ``analyze.py`` records in its ``heads.json``, else the architecture
+            default: LLaVA 30, Qwen2.5-VL 25, others 30).
         top_ratio: budget, the global top fraction of L × I (§3 default 0.01).
         task: None reads it from the first batch.
         idf: caption weights (§3): "auto" computes the IDF from ``trainer.datamodule.items``
