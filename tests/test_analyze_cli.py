@@ -144,11 +144,14 @@ def test_all_writes_every_artifact(full_run: dict[str, Any], tiny_llava: VLMAdap
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(full_run["root"] / "vqa" / "tensorboard"), size_guidance={"images": 0, "histograms": 0}).Reload()
-    tags = events.Tags()
-    assert {"attribution/vqa/head_delta", "attribution/vqa/neurons_per_layer"} <= set(tags["images"])
-    assert "attribution/vqa/importance" in tags["histograms"]
-    assert "masking/vqa/hones/masked" in tags["scalars"]
+    def tags(stage: str) -> dict[str, list[str]]:  # one TensorBoard run per stage
+        folder = full_run["root"] / "vqa" / "tensorboard" / stage
+        return EventAccumulator(str(folder), size_guidance={"images": 0, "histograms": 0}).Reload().Tags()
+
+    assert "attribution/vqa/head_delta" in tags("heads")["images"]
+    assert "attribution/vqa/neurons_per_layer" in tags("neurons")["images"]
+    assert "attribution/vqa/importance" in tags("neurons")["histograms"]
+    assert "masking/vqa/hones/masked" in tags("mask")["scalars"]
 
 
 def test_ape_selects_task_specific_neurons(full_run: dict[str, Any]) -> None:
@@ -205,6 +208,14 @@ def test_changed_settings_are_an_error_and_overwrite_recomputes(
     assert cli.main(cli_args("mask", world, model_dir, out, *extra, "--overwrite", "true")) == 0
     masking = json.loads((out / "tiny" / "vqa" / "masking.json").read_text())
     assert list(masking["methods"]) == ["hones", "random"]
+    # TensorBoard: the recomputed stage's curves replace the old ones; the other stages' stay
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = out / "tiny" / "vqa" / "tensorboard"
+    mask_events = EventAccumulator(str(board / "mask")).Reload()
+    assert [e.value for e in mask_events.Scalars("masking/vqa/hones/masked")] == pytest.approx([masking["methods"]["hones"]["masked"]])
+    assert "masking/vqa/activation/masked" not in mask_events.Tags()["scalars"]
+    assert (board / "heads").is_dir() and (board / "neurons").is_dir()
     assert (out / "tiny" / "vqa" / "heads.json").read_bytes() == full_run["snapshot"]["vqa/heads.json"]
 
     capsys.readouterr()

@@ -17,7 +17,8 @@ Run folder ``<output_root>/<model_name>/<task>/``:
 - ``masking.json`` / ``masking.md`` — test split (§4);
 - ``state.json`` (finished stages and their settings; see ``run_state``),
   ``partial/`` (mid-split accumulator checkpoints while a pass runs),
-  ``tensorboard/`` (head heat map, importance histogram, neurons per layer, masking scalars).
+  ``tensorboard/{heads,neurons,mask}/`` (head heat map, importance histogram, neurons per layer,
+  masking scalars and table; one TensorBoard run per stage).
 
 Stages already recorded in ``state.json`` with the same settings are skipped; other
 settings are an error unless ``overwrite`` (then the stage and everything that depends
@@ -252,9 +253,10 @@ class TaskRun:
         self.outcomes.append(StageOutcome(self.task, stage, status, detail))
         say(f"{self.config.name()}/{self.task} {stage}: {status}{' — ' + detail if detail else ''}")
 
-    def logger(self) -> TensorBoardLogger:
-        """The run folder's TensorBoard logger (``<run>/tensorboard``)."""
-        return TensorBoardLogger(str(self.run_dir), name="", version="tensorboard", default_hp_metric=False)
+    def logger(self, stage: str) -> TensorBoardLogger:
+        """The TensorBoard logger of one stage (``<run>/tensorboard/<heads|neurons|mask>``: a run per
+        stage, removed when the stage is recomputed, so no stale curve stays beside a new one)."""
+        return TensorBoardLogger(str(self.run_dir / "tensorboard"), name="", version=stage, default_hp_metric=False)
 
     def mask_test_split(
         self, banks: Mapping[str, Sequence[BankEntry]], label: str, what: str, target_logprob: bool = False
@@ -295,9 +297,8 @@ class TaskRun:
         }  # fmt: skip
         return callback.results, head
 
-    def trainer(self, callbacks: Sequence[Callback], logger: Any = None) -> L.Trainer:
-        """A predict-only Trainer from the run's trainer settings; ``logger`` defaults to ``self.logger()``
-        (``False``: none)."""
+    def trainer(self, callbacks: Sequence[Callback], logger: Any) -> L.Trainer:
+        """A predict-only Trainer from the run's trainer settings (``logger``: a logger, or ``False``: none)."""
         settings = self.config.trainer
         callbacks = [*callbacks, *self.extra_callbacks]
         return L.Trainer(
@@ -306,7 +307,7 @@ class TaskRun:
             strategy=settings.strategy,
             num_nodes=settings.num_nodes,
             precision=settings.precision,
-            logger=self.logger() if logger is None else logger,
+            logger=logger,
             callbacks=[*callbacks, *default_callbacks(callbacks, settings.enable_progress_bar)],
             enable_progress_bar=settings.enable_progress_bar,
             enable_model_summary=False,
@@ -314,11 +315,12 @@ class TaskRun:
         )
 
     def run_pass(self, callback: Any, datamodule: Any, stage: str, fingerprint: dict[str, Any], logger: Any = None) -> L.Trainer:
-        """One ``trainer.predict`` pass with ``callback`` and its mid-split checkpoint (``logger``: see ``trainer``)."""
+        """One ``trainer.predict`` pass with ``callback`` and its mid-split checkpoint; ``logger`` defaults
+        to the stage's TensorBoard logger (``False``: none)."""
         checkpoint = AccumulatorCheckpoint(
             callback, self.partial_dir / stage.replace("/", "_"), self.config.checkpoint_every_n_batches, fingerprint
         )
-        trainer = self.trainer([callback, checkpoint], logger=logger)
+        trainer = self.trainer([callback, checkpoint], logger=self.logger(stage) if logger is None else logger)
         trainer.predict(self.module, datamodule=datamodule, return_predictions=False)
         barrier()
         if is_global_zero():
@@ -342,8 +344,9 @@ class TaskRun:
         dropped = self.state.forget(stages)
         if not is_global_zero():
             return
-        if "heads" in stages:
-            shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+        folders = {name.split("/")[0] for name in dropped}  # "mask/<method>" -> mask
+        for folder in [""] if "heads" in folders else sorted(folders):  # every stage depends on heads
+            shutil.rmtree(self.run_dir / "tensorboard" / folder, ignore_errors=True)
         shutil.rmtree(self.partial_dir, ignore_errors=True)
         if "ape" in dropped:
             (self.run_dir / "bank_ape.json").unlink(missing_ok=True)
@@ -555,7 +558,7 @@ class TaskRun:
         write_masking_report(self.run_dir, report)
         if not log:
             return
-        logger = self.logger()
+        logger = self.logger("mask")
         logger.experiment.add_text(f"masking/{self.task}", masking_markdown(report))
         logger.finalize("success")
 
