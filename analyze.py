@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; ``argv`` defaults to the command line. Returns the exit status."""
     from hones.attribution.bank import BankError
     from hones.attribution.run_state import AnalysisError
+    from hones.data.errors import DataError
 
     parser = build_parser()
     parsed = parser.parse_args(expand_bare_flags(sys.argv[1:] if argv is None else list(argv)))
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{command}: {error}")
     try:
         outcomes = run_analysis(config, command)
-    except (AnalysisError, BankError) as error:
+    except (AnalysisError, BankError, DataError) as error:
         print(f"analyze.py {command}: {error}", file=sys.stderr)
         return 2
     pending = [o for o in outcomes if o.status == "pending"]

@@ -161,8 +161,13 @@ def main(argv: list[str] | None = None) -> EvalCLI:
     from hones.data.datamodule import HonesDataModule
     from hones.evaluation import EvalModule
 
-    with sigterm_exit_status():  # a SIGTERM stop exits 143, not 0
-        cli = EvalCLI(EvalModule, HonesDataModule, args=args, save_config_kwargs={"overwrite": True})
+    from hones.data.errors import DataError
+
+    try:
+        with sigterm_exit_status():  # a SIGTERM stop exits 143, not 0
+            cli = EvalCLI(EvalModule, HonesDataModule, args=args, save_config_kwargs={"overwrite": True})
+    except DataError as error:  # bad data: the file, item and field, in one line
+        sys.exit(f"evaluate.py: {error}")
     line = _summary(cli.model)
     if line is not None and cli.trainer.is_global_zero:
         print(line)

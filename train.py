@@ -10,7 +10,8 @@ r"""HONES steering (HONES_METHOD §5): learn a sparse scale per selected FFN neu
 ``HonesDataModule`` (``python train.py fit --help`` lists every option). ``compare`` is
 ``python -m hones.steering.compare`` (see that module). A neuron bank or scales file that
 does not fit the model stops the run with one line naming the file and the entry; so does
-``--ckpt_path`` with a checkpoint written with other settings.
+``--ckpt_path`` with a checkpoint written with other settings, and bad data (the file,
+item and field; overlapping dev and test splits).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import warnings
 
 from hones.attribution.bank import BankError
 from hones.attribution.run_state import AnalysisError
+from hones.data.errors import DataError
 from hones.sigterm import sigterm_exit_status
 from hones.steering.resume import ResumeSettingsError
 
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
 
             # a run without a logger writes config.yaml to the working folder: let the next one overwrite it
             SteeringCLI(SteeringModule, HonesDataModule, args=argv, save_config_kwargs={"overwrite": True})
-    except (BankError, ResumeSettingsError) as error:
+    except (BankError, DataError, ResumeSettingsError) as error:
         sys.exit(f"train.py: {error}")
 
 

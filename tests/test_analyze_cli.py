@@ -727,3 +727,14 @@ def test_bank_write_in_script(full_run: dict[str, Any], capsys: pytest.CaptureFi
     assert script.main([str(run)]) == 0
     assert "| tiny/vqa | hones |" in capsys.readouterr().out
     assert script.main([str(full_run["root"])]) == 2  # not a run folder
+
+
+def test_overlapping_discovery_and_test_splits_stop_the_run(
+    world: Path, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Neurons found on images of the test split would be verified on them: one line, nothing run."""
+    cli = load_cli()
+    args = cli_args("all", world, model_dir, tmp_path / "runs", "--task", "vqa", "--test.split_file", str(world / "splits" / "discovery.json"))
+    assert cli.main(args) == 2
+    assert "the discovery and test splits are the same file" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

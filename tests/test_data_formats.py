@@ -302,3 +302,25 @@ def test_lenient_skips_are_counted(tmp_path: Path, cache: Path, caplog: pytest.L
     with pytest.raises(DataError) as info:
         load_coco_unified(empty, cache_dir=cache, lenient=True)
     assert_one_line(info.value, str(empty), "no items")
+
+
+def test_overlapping_splits_are_refused(tmp_path: Path) -> None:
+    """§1: discovery / dev / test are image-disjoint; a shared image is named before any work."""
+    from hones.data.formats import check_disjoint_splits
+
+    (tmp_path / "dev.json").write_text(json.dumps([1, 2, 3]))
+    (tmp_path / "test.json").write_text(json.dumps(["3", 4, 5]))
+    (tmp_path / "other.json").write_text(json.dumps([6]))
+    with pytest.raises(DataError) as info:
+        check_disjoint_splits({"dev": tmp_path / "dev.json", "test": tmp_path / "test.json"})
+    assert_one_line(info.value, str(tmp_path / "test.json"), "1 image id(s) of the test split are also in the dev split", "e.g. 3")
+    with pytest.raises(DataError, match="the discovery and test splits are the same file"):
+        check_disjoint_splits({"discovery": tmp_path / "dev.json", "test": tmp_path / "dev.json"})
+    check_disjoint_splits({"dev": tmp_path / "dev.json", "test": tmp_path / "other.json", "none": None})
+    check_disjoint_splits({"dev": tmp_path / "dev.json", "test": tmp_path / "missing.json"})  # the loader names it
+
+
+def test_a_strict_error_names_the_lenient_way_on(tmp_path: Path, cache: Path) -> None:
+    path = write_coco(tmp_path / "ann.json", [coco_row(1), coco_row(7, **{"ocr.text": " "})])
+    with pytest.raises(DataError, match=r"empty text \(' '\); to skip and count such items, load leniently \(--data.lenient true\)"):
+        load_coco_unified(path, cache_dir=cache)

@@ -65,6 +65,8 @@ class DataConfig:
     limit: images per task (None: the whole split); task_limits overrides it per task
     (retrieval items are 1 + n_neg candidates per image, so it usually gets fewer images).
     n_neg: retrieval negatives per image (§1: 49).
+    lenient: skip and count bad records instead of stopping (as ``analyze.py``'s ``data.lenient``);
+    num_workers: data-loading workers; cache_dir: the parsed-annotation cache (None: none).
     """
 
     dataset: str = "coco_unified"
@@ -77,6 +79,9 @@ class DataConfig:
     batch_size: int = 8
     seed: int = 0
     n_neg: int = 49
+    lenient: bool = False
+    num_workers: int = 0
+    cache_dir: str | None = None
 
 
 @dataclass

@@ -65,6 +65,7 @@ from hones.attribution.settings import (
     model_identity,
     stage_fingerprint,
 )
+from hones.data.formats import check_disjoint_splits
 from hones.data.tasks import N_NEGATIVES
 from hones.run_defaults import default_callbacks
 
@@ -608,6 +609,7 @@ def run_analysis(
     """
     if command not in COMMANDS:
         raise ValueError(f"command must be one of {COMMANDS}; got {command!r}")
+    check_disjoint_splits({"discovery": config.discovery.split_file, "test": config.test.split_file})
     tasks = config.task_list()
     identity = model_identity(config.model)
     module = AttributionModule(config.model, config.dtype, config.trust_remote_code, adapter_factory)

@@ -32,7 +32,7 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,6 +167,33 @@ def read_split_ids(path: PathLike) -> set[str]:
             raise DataError(path, f"image id must be an int or a non-empty string, got {value!r}", item=f"#{index}")
         ids.add(str(value))
     return ids
+
+
+def check_disjoint_splits(split_files: Mapping[str, PathLike | None]) -> None:
+    """A one-line ``DataError`` when two of the named split files share image ids (§1: the
+    discovery / dev / test splits are image-disjoint; an overlap would measure a selection or a
+    steering on the images it was found or trained on). Missing names (None) and files that do
+    not exist (the loader reports them) are not checked."""
+    named = [(name, Path(path)) for name, path in split_files.items() if path is not None and Path(path).is_file()]
+    ids = {name: read_split_ids(path) for name, path in named}
+    for k, (first, first_path) in enumerate(named):
+        for second, second_path in named[k + 1 :]:
+            shared = ids[first] & ids[second]
+            if shared and first_path.resolve() != second_path.resolve():
+                example = ", ".join(sorted(shared)[:3])
+                raise DataError(
+                    second_path,
+                    f"{len(shared)} image id(s) of the {second} split are also in the {first} split {first_path} "
+                    f"(e.g. {example}); the splits must be image-disjoint",
+                )
+            if shared:
+                raise DataError(second_path, f"the {first} and {second} splits are the same file; the splits must be image-disjoint")
+
+
+def _with_lenient_hint(error: DataError) -> DataError:
+    """A bad item's error in strict mode, with the way on: lenient mode skips and counts such items."""
+    hint = "; to skip and count such items, load leniently (--data.lenient true)"
+    return DataError(error.file, error.problem + hint, error.item, error.field)
 
 
 # --------------------------------------------------------------------------- validation
@@ -324,7 +351,7 @@ def _collect(
             continue
         except DataError as err:
             if not lenient:
-                raise
+                raise _with_lenient_hint(err) from None
             report.add(err)
             if item.image_id is not None:
                 skipped_ids.add(item.image_id)
@@ -353,7 +380,7 @@ def _collect(
                 entry.record.image = _find_image(entry, verify_images)
         except DataError as err:
             if not lenient:
-                raise
+                raise _with_lenient_hint(err) from None
             report.add(err, reason="image: missing or unreadable")
             continue
         chosen.append(entry)
@@ -397,7 +424,8 @@ def load_coco_unified(
     ``tasks`` names the annotations that must be valid: ``vqa`` needs ``vqa.question`` and
     ``vqa.answer`` (``all_answers`` optional), ``caption``/``retrieval`` need ``captions``
     (or ``retrieval``), ``ocr`` needs a valid ``ocr`` when present: ``ocr: null`` (or
-    absent) means the image has no text instance, and the OCR view leaves it out.
+    absent) means the image has no text instance, and the OCR view leaves it out (counted in
+    a warning).
     Annotations of tasks not asked for are kept when valid and dropped (``None``) if not.
     """
     unknown = set(tasks) - set(TASKS)

@@ -238,7 +238,7 @@ def _ocr_items(records: Sequence[SourceRecord]) -> list[TaskItem]:
         else:
             no_text += 1
     if no_text:
-        logger.info("ocr: %d of %d records have no text instance (ocr null): no ocr item", no_text, len(records))
+        logger.warning("ocr: %d of %d images have no text instance (ocr null): no ocr item for them", no_text, len(records))
     return items
 
 
@@ -270,7 +270,7 @@ def _caption_records(records: Sequence[SourceRecord], task: str) -> list[SourceR
         by_image.setdefault(record.image_id, record)
     more = sum(len(record.captions) > MAX_CAPTIONS for record in by_image.values())
     if more:
-        logger.info("%s: %d of %d images have more than %d captions: their first %d are the references", task, more, len(by_image), MAX_CAPTIONS, MAX_CAPTIONS)
+        logger.warning("%s: %d of %d images have more than %d captions: their first %d are the references", task, more, len(by_image), MAX_CAPTIONS, MAX_CAPTIONS)
     return list(by_image.values())
 
 

@@ -52,6 +52,7 @@ from hones.attribution.pipeline import is_global_zero
 from hones.attribution.run_state import AnalysisError, RunState
 from hones.attribution.settings import model_identity
 from hones.data.datamodule import HonesDataModule
+from hones.data.formats import check_disjoint_splits
 from hones.run_defaults import default_callbacks
 from hones.steering.cli import ConfigReader, read_config
 from hones.steering.fingerprint import (
@@ -104,6 +105,8 @@ class Comparison:
         self.data_args = plain(self.config.data)
         if self.settings.get("test_split_file") is None:
             raise ValueError("compare.test_split_file is required: the methods are compared on the test split (§5)")
+        dev_split = self.settings.get("dev_split_file") or self.data_args.get("split_file")
+        check_disjoint_splits({"dev": dev_split, "test": self.settings["test_split_file"]})
         factors = self.settings.get("grid_factors") or []
         if not factors or any(not isinstance(f, (int, float)) or isinstance(f, bool) or f <= 0 for f in factors):
             raise ValueError(f"compare.grid_factors must be a non-empty list of positive factors; got {factors!r}")
@@ -368,6 +371,7 @@ class Comparison:
         if is_global_zero():
             io.write_json(self.output_dir / "summary.json", summary)
             io.write_text(self.output_dir / "summary.md", summary_markdown(summary))
+            print(f"compare: the table of {len(rows)} methods is in {self.output_dir / 'summary.md'} (and summary.json)", flush=True)
         return summary
 
 
