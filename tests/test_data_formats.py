@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -324,3 +325,23 @@ def test_a_strict_error_names_the_lenient_way_on(tmp_path: Path, cache: Path) ->
     path = write_coco(tmp_path / "ann.json", [coco_row(1), coco_row(7, **{"ocr.text": " "})])
     with pytest.raises(DataError, match=r"empty text \(' '\); to skip and count such items, load leniently \(--data.lenient true\)"):
         load_coco_unified(path, cache_dir=cache)
+
+
+def test_reading_annotations_makes_no_network_call(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``datasets`` pings s3.amazonaws.com on every load_dataset unless told not to; local files need no network."""
+    import datasets.load
+
+    calls: list[str] = []
+
+    class Session:
+        def head(self, url: str, **kwargs: Any) -> None:
+            calls.append(url)
+
+    monkeypatch.setattr(datasets.load, "get_session", lambda: Session())
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", True)
+    datasets.load.increase_load_count("json")  # the ping, as datasets makes it
+    assert len(calls) == 1
+    path = write_coco(tmp_path / "ann.json", [coco_row(1), coco_row(7)])
+    assert len(load_coco_unified(path, cache_dir=cache)) == 2
+    assert len(calls) == 1 and datasets.config.HF_UPDATE_DOWNLOAD_COUNTS is True  # no ping; the setting restored

@@ -54,14 +54,19 @@ PathLike = str | os.PathLike[str]
 
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
-    """Silence ``datasets``' progress bars for the duration, restoring the previous state."""
+    """Silence ``datasets``' progress bars, and its download-count ping (a HEAD request to
+    ``s3.amazonaws.com`` with a 3 s timeout on every ``load_dataset``, local files included), for
+    the duration, restoring the previous state: reading local annotations makes no network call."""
     import datasets
 
     was_disabled = datasets.are_progress_bars_disabled()
+    was_counting = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
     datasets.disable_progress_bars()
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
     try:
         yield
     finally:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = was_counting
         if not was_disabled:
             datasets.enable_progress_bars()
 
