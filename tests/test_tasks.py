@@ -102,6 +102,21 @@ def test_draw_ocr_box(tmp_path: Path) -> None:
     assert original.getpixel((9, 25)) == gray  # input not modified
 
 
+def test_ocr_box_follows_a_resized_image_file(tmp_path: Path) -> None:
+    """The box is in the annotation's pixels (image_info 128x128); a half-size copy of the image gets
+    it at half scale, not clipped away. A box that misses the image is a one-line DataError."""
+    gray, blue = (128, 128, 128), (0, 0, 255)
+    path = tmp_path / "img.png"
+    Image.new("RGB", (64, 64), gray).save(path)
+    record = SourceRecord("toy", "toy.json", "1", str(path), ocr=OCRAnnotation("STOP", (80.0, 40.0, 40.0, 20.0), (128, 128)))
+    img = load_image(build_task_items([record], "ocr")[0])
+    assert img.getpixel((39, 25)) == blue and img.getpixel((60, 19)) == blue  # left and top edges of (40, 20, 20, 10)
+    assert img.getpixel((45, 25)) == gray
+    record.ocr = OCRAnnotation("STOP", (80.0, 40.0, 40.0, 20.0))  # no annotated size: nothing to scale by
+    with pytest.raises(DataError, match=r"item toy:1:ocr: OCR box \[80.0, 40.0, 40.0, 20.0\] lies outside the 64x64 image"):
+        load_image(build_task_items([record], "ocr")[0])
+
+
 def test_retrieval_items_and_hard_negatives() -> None:
     rng = random.Random(0)
     colours, things = ["red", "green", "blue", "white"], ["dog", "cat", "car", "ball", "tree"]

@@ -522,7 +522,7 @@ def _coco_ocr(raw: dict[str, Any], item: _Item, size: tuple[int, int] | None) ->
     if ocr is None:
         return None
     ocr = item.mapping(ocr, "ocr")
-    return OCRAnnotation(item.text(ocr.get("text"), "ocr.text"), item.bbox(ocr.get("bbox"), "ocr.bbox", size))
+    return OCRAnnotation(item.text(ocr.get("text"), "ocr.text"), item.bbox(ocr.get("bbox"), "ocr.bbox", size), size)
 
 
 def _load_questions(

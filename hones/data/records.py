@@ -33,9 +33,14 @@ class TaskItem:
 
 @dataclass
 class OCRTaskItem(TaskItem):
-    """An OCR ``TaskItem`` whose image gets a blue box drawn at ``box`` ([x, y, w, h]) when loaded."""
+    """An OCR ``TaskItem`` whose image gets a blue box drawn at ``box`` ([x, y, w, h]) when loaded.
+
+    ``box_image_size``: the (width, height) the annotation gives the image, which ``box`` is in;
+    an image file of another size (a resized copy) gets the box scaled to it.
+    """
 
     box: tuple[float, float, float, float] | None = None
+    box_image_size: tuple[int, int] | None = None
 
 
 @dataclass
@@ -50,10 +55,12 @@ class QAPair:
 
 @dataclass
 class OCRAnnotation:
-    """One text instance: its transcription and box ``[x, y, w, h]`` in image pixels."""
+    """One text instance: its transcription and box ``[x, y, w, h]`` in the pixels of an image of
+    ``image_size`` (width, height) as the annotation gives it (None: not given)."""
 
     text: str
     bbox: tuple[float, float, float, float]
+    image_size: tuple[int, int] | None = None
 
 
 @dataclass
@@ -93,8 +100,27 @@ def load_image(item_or_path: TaskItem | Image.Image | str | os.PathLike[str]) ->
         item = item_or_path
         img = _resolve(item.image, item.uid)
         box = getattr(item, "box", None)
-        return draw_ocr_box(img, box) if box is not None else img
+        if box is None:
+            return img
+        return draw_ocr_box(img, fit_box(box, getattr(item, "box_image_size", None), img.size, item))
     return _resolve(item_or_path, None)
+
+
+def fit_box(
+    box: tuple[float, float, float, float], annotated: tuple[int, int] | None, actual: tuple[int, int], item: TaskItem
+) -> tuple[float, float, float, float]:
+    """``box`` in the pixels of the image as loaded: scaled when the file's size differs from the
+    annotation's (a resized copy); a ``DataError`` naming the image when the box misses it."""
+    x, y, w, h = box
+    if annotated is not None and tuple(annotated) != tuple(actual):
+        sx, sy = actual[0] / annotated[0], actual[1] / annotated[1]
+        x, y, w, h = x * sx, y * sy, w * sx, h * sy
+    if x >= actual[0] or y >= actual[1] or x + w <= 0 or y + h <= 0:
+        from hones.data.errors import DataError
+
+        sizes = f"the annotation gives no image size" if annotated is None else f"annotated as {annotated[0]}x{annotated[1]}"
+        raise DataError(str(item.image), f"OCR box {list(box)} lies outside the {actual[0]}x{actual[1]} image ({sizes})", item=item.uid)
+    return (x, y, w, h)
 
 
 def _resolve(image: Image.Image | str | os.PathLike[str], uid: str | None) -> Image.Image:

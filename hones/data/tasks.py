@@ -231,6 +231,7 @@ def _ocr_items(records: Sequence[SourceRecord]) -> list[TaskItem]:
                     references=[record.ocr.text],
                     group=record.image_id,
                     box=record.ocr.bbox,
+                    box_image_size=record.ocr.image_size,
                 )
             )
         elif record.qa is not None and record.per_question:
