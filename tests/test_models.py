@@ -202,3 +202,26 @@ def test_train_tokenizer(tmp_path) -> None:
     assert llava("red")["input_ids"][0] == llava.bos_token_id
     with pytest.raises(ValueError, match="arch"):
         train_tokenizer(["x"], arch="gpt")
+
+
+def test_llava_pads_wide_images_to_a_square_as_llava_1_5_trained(tiny_llava: VLMAdapter) -> None:
+    """The processor's centre crop would cut off a wide image's sides (and an OCR box there); the
+    LLaVA adapter first pads the image to a square with the CLIP mean colour, image centred."""
+    from PIL import Image
+
+    wide = Image.new("RGB", (96, 48), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 8, 48))  # a blue strip at the left edge, which a centre crop drops
+    square = tiny_llava.prepare_image(wide)
+    assert square.size == (96, 96) and square.getpixel((4, 48)) == (0, 0, 255) and square.getpixel((50, 48)) == (255, 0, 0)
+    mean = tuple(int(round(255 * m)) for m in tiny_llava.processor.image_processor.image_mean)
+    assert square.getpixel((50, 5)) == mean and square.getpixel((50, 90)) == mean
+    pixels = tiny_llava.encode([wide], ["what is there?"])["pixel_values"]
+    expected = tiny_llava.processor.image_processor(images=[square], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels, expected)
+    tiny_llava.pad_to_square = False
+    try:
+        cropped = tiny_llava.encode([wide], ["what is there?"])["pixel_values"]
+    finally:
+        del tiny_llava.pad_to_square  # back to the class default
+    assert not torch.equal(cropped, pixels)
+    assert tiny_llava.prepare_image(square) is square  # a square image is handed on as it is

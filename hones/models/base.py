@@ -235,6 +235,10 @@ class VLMAdapter:
         return self.tokenizer(texts, add_special_tokens=True)["input_ids"]
 
     # ------------------------------------------------------------------ encode
+    def prepare_image(self, image: Image.Image) -> Image.Image:
+        """The RGB image as the architecture's own preprocessing hands it to the processor (identity here)."""
+        return image
+
     def encode(
         self,
         images: Sequence[Image.Image | str | Path],
@@ -258,7 +262,7 @@ class VLMAdapter:
         if targets is not None:
             texts = [p + self.format_target(t) for p, t in zip(prompt_texts, targets)]
         encoded = self.processor(
-            images=[to_rgb_image(image) for image in images],
+            images=[self.prepare_image(to_rgb_image(image)) for image in images],
             text=texts,
             padding=True,
             padding_side="left",
