@@ -84,6 +84,15 @@ def summarize_epoch(
     return values, rows, results
 
 
+def skipped_items(trainer: Any) -> dict[str, Any]:
+    """The datamodule's count of skipped bad items (lenient loading), for the results file:
+    ``{"skipped": {"total": n, "reasons": {reason: count}}}``, or nothing without a report."""
+    skips = getattr(getattr(trainer, "datamodule", None), "skips", None) if trainer is not None else None
+    if skips is None or not hasattr(skips, "reasons"):
+        return {}
+    return {"skipped": {"total": int(skips.total), "reasons": dict(skips.reasons.most_common())}}
+
+
 class TaskScorer:
     """Runs one task on an encoded batch and feeds the metrics.
 
@@ -331,8 +340,9 @@ class EvalModule(AdapterHost, EpochScoring, L.LightningModule):
         task = self.hparams.task
         world_size = self.trainer.world_size if self._trainer is not None else 1
         values, rows, self.results = summarize_epoch(
-            self.metrics, self._rows, task, self.hparams.model, stage, self.hparams.metric_mode, world_size=world_size
-        )
+            self.metrics, self._rows, task, self.hparams.model, stage, self.hparams.metric_mode, world_size=world_size,
+            **skipped_items(self._trainer),
+        )  # fmt: skip
         for mode, value in values.items():
             # every process holds the synchronised value: no further reduction needed
             self.log(f"{stage}/{task}/{self.metrics[mode].name}", value, rank_zero_only=False, sync_dist=False)

@@ -133,3 +133,27 @@ def test_run_from_a_clean_checkout(evaluate, tmp_path: Path) -> None:
 
     tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
     assert {"test/ocr/anls/paper", "test/ocr/anls/official"} <= set(tags)
+
+
+def test_bad_data_is_one_line_or_counted_in_the_results(evaluate, tmp_path: Path) -> None:
+    """Strict: a bad item stops the run with one line naming it and the lenient way on. Lenient: the
+    item is skipped and the count is in metrics_test.json beside the metric."""
+    from eval_fixtures import eval_args, write_tiny_world
+
+    world = write_tiny_world(tmp_path / "world", n_discovery=1, n_test=3)
+    annotation = world / "coco" / "unified.json"
+    data = json.loads(annotation.read_text())
+    test_ids = {str(i) for i in json.loads((world / "splits" / "test.json").read_text())}
+    bad = next(row for row in data["data"] if str(row["image_id"]) in test_ids)
+    bad["vqa"]["answer"] = " "
+    annotation.write_text(json.dumps(data))
+    model_dir = save_tiny_llava(tmp_path / "model")
+    args = eval_args(model_dir, world, tmp_path / "out", "vqa", 2, tmp_path / "cache")
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(args)
+    message = str(stop.value.code)
+    assert message.startswith("evaluate.py: ") and "\n" not in message
+    assert f"image_id={bad['image_id']}" in message and "vqa.answer" in message and "--data.lenient true" in message
+    evaluate.main([*args, "--data.lenient", "true"])
+    results = json.loads((tmp_path / "out" / "metrics_test.json").read_text())
+    assert results["num_items"] == 2 and results["skipped"] == {"total": 1, "reasons": {"vqa.answer: empty answer": 1}}

@@ -38,7 +38,7 @@ from hones import io
 from hones.adapter_host import AdapterHost
 from hones.attribution.batches import batch_size, ensure_prompt_only, ensure_targets
 from hones.attribution.bank import BankError
-from hones.evaluation import METRIC_MODES, EpochScoring, TaskScorer, summarize_epoch
+from hones.evaluation import METRIC_MODES, EpochScoring, TaskScorer, skipped_items, summarize_epoch
 from hones.interventions import NeuronScaler, scale_neurons
 from hones.metrics import build_metric
 from hones.steering.objective import DEFAULT_BETA, DEFAULT_L2_WEIGHT, steering_objective
@@ -295,8 +295,9 @@ class SteeringModule(AdapterHost, EpochScoring, L.LightningModule):
         task = self.hparams.task
         headline = self.hparams.metric_mode
         values, rows, self.results = summarize_epoch(
-            self.metrics, self._rows, task, self.hparams.model, stage, headline, metric_name=self.metrics[headline].name
-        )
+            self.metrics, self._rows, task, self.hparams.model, stage, headline, metric_name=self.metrics[headline].name,
+            **skipped_items(self._trainer),
+        )  # fmt: skip
         for mode, value in values.items():
             # compute() synchronised the metric: every process holds the same value (the mean is a no-op)
             self.log(f"{stage}/{task}/{self.metrics[mode].name}", value, sync_dist=True)
