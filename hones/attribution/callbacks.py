@@ -150,7 +150,7 @@ def head_heatmap_figure(delta: Tensor, title: str = "head score Δ") -> Any:
     axis.set_xlabel("head")
     axis.set_ylabel("layer")
     axis.set_title(title)
-    figure.colorbar(image, ax=axis)
+    figure.colorbar(image, ax=axis, label="Δ utility")
     figure.tight_layout()
     return figure
 
@@ -162,13 +162,18 @@ def neurons_per_layer_figure(counts: Mapping[str, Tensor], title: str = "selecte
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(5, 3))
-    for name, values in counts.items():
-        axis.plot(range(len(values)), values.tolist(), marker="o", label=name)
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axis = plt.subplots(figsize=(6, 3.2))
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "v", "D", "x", "+", "*"]
+    for k, (name, values) in enumerate(counts.items()):  # selections with equal counts (random) stay visible
+        axis.plot(range(len(values)), values.tolist(), linestyle=styles[k % 4], marker=markers[k % 8], label=name, alpha=0.8)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("layer")
     axis.set_ylabel("neurons")
     axis.set_title(title)
-    axis.legend(fontsize="small")
+    axis.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.tight_layout()
     return figure
 
@@ -547,7 +552,9 @@ class NeuronAttributionCallback(_AttributionCallback):
             experiment.add_histogram(f"attribution/{self.task}/importance", result.importance.float().flatten(), trainer.global_step)
         for experiment in _experiments(trainer, "add_figure"):
             experiment.add_figure(
-                f"attribution/{self.task}/neurons_per_layer", neurons_per_layer_figure(counts), global_step=trainer.global_step
+                f"attribution/{self.task}/neurons_per_layer",
+                neurons_per_layer_figure(counts, f"{self.task}: selected neurons per layer ({len(self.bank)} per selection)"),
+                global_step=trainer.global_step,
             )
 
 

@@ -454,7 +454,8 @@ class TaskRun:
             for logger in trainer.loggers:
                 experiment = getattr(logger, "experiment", None)
                 if experiment is not None and hasattr(experiment, "add_figure"):
-                    experiment.add_figure(f"attribution/{self.task}/neurons_per_layer_all", neurons_per_layer_figure(counts))
+                    title = f"{self.task}: neurons per layer, every selection ({len(callback.bank)} each)"
+                    experiment.add_figure(f"attribution/{self.task}/neurons_per_layer_all", neurons_per_layer_figure(counts, title))
                     experiment.flush()
         barrier()
         info = {
