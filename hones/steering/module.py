@@ -20,6 +20,9 @@ re-encoded with its targets); evaluation re-encodes prompt-only batches. Validat
 the datamodule's items as they are: a ``training: true`` datamodule serves retrieval as
 1 positive + 4 negatives per image, so ``val/retrieval/...`` during ``fit`` is a proxy of
 NDCG@5; ``compare`` (and ``test`` with ``training: false``) use the 1 + 49 groups of §1.
+With the shipped configs, validation during ``fit`` runs on the dev split the scales are
+trained on (§5 has no other split for it), so ``val/...`` follows the fit, not held-out
+performance: held-out numbers come from ``test`` on the test split (``compare`` does that).
 """
 
 from __future__ import annotations
