@@ -78,17 +78,20 @@ def test_an_encoding_of_the_users_own_is_not_read(tiny_llava: VLMAdapter, make_i
     utility into the prompt's log-probability, and the neuron callback failed with a KeyError)."""
     items = vqa_items(make_image)
     heads = [(l, h) for l in range(4) for h in range(2)]
+    relabelled = encode_items(tiny_llava, items, with_targets=True)  # the adapter's encoding, labels replaced
+    relabelled["labels"] = relabelled["input_ids"].clone()
     results = []
-    for batch in ({"items": items}, own_encoding(tiny_llava, items)):
+    for batch in ({"items": items}, own_encoding(tiny_llava, items), relabelled):
         head_cb = HeadLocalizationCallback(heads=heads, top_k=3, rows_per_forward=16)
         run(head_cb, tiny_llava, [batch])
         neuron_cb = NeuronAttributionCallback(heads=head_cb, rows_per_forward=8, activation_statistics=False)
         run(neuron_cb, tiny_llava, [batch])
         results.append((head_cb.scores, neuron_cb.result))
-    (plain_heads, plain_neurons), (own_heads, own_neurons) = results
-    assert plain_heads.baseline == pytest.approx(own_heads.baseline, abs=1e-6)
-    torch.testing.assert_close(own_heads.delta, plain_heads.delta, equal_nan=True)
-    torch.testing.assert_close(own_neurons.importance, plain_neurons.importance)
+    (plain_heads, plain_neurons), *others = results
+    for own_heads, own_neurons in others:
+        assert plain_heads.baseline == pytest.approx(own_heads.baseline, abs=1e-6)
+        torch.testing.assert_close(own_heads.delta, plain_heads.delta, equal_nan=True)
+        torch.testing.assert_close(own_neurons.importance, plain_neurons.importance)
 
 
 def test_batches_without_task_items_are_named(tiny_llava: VLMAdapter, make_image) -> None:

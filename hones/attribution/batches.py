@@ -7,8 +7,9 @@ inputs, ``prompt_last_index`` and, with targets, ``labels`` on the target tokens
 ``HonesDataModule`` makes. Teacher-forced passes need the encoding with ``labels``;
 generation needs a prompt-only one. These helpers return the batch unchanged when it is
 already the adapter's encoding in the needed form (it has ``prompt_last_index``, which only
-the adapter writes) and re-encode it from ``items`` otherwise, so an encoding of the user's
-own (e.g. ``labels = input_ids``, which would count the prompt as target) is never read.
+the adapter writes, and ``labels`` only on the target tokens) and re-encode it from ``items``
+otherwise, so an encoding of the user's own (e.g. ``labels = input_ids``, which would count
+the prompt as target) is never read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from hones.models.base import IGNORE_INDEX
 
 
 def move_to_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
@@ -67,11 +70,21 @@ def _adapter_encoded(batch: Mapping[str, Any]) -> bool:
     return "input_ids" in batch and "prompt_last_index" in batch
 
 
+def _labels_on_targets_only(batch: Mapping[str, Any]) -> bool:
+    """Whether ``labels`` is -100 up to ``prompt_last_index`` in every row, as the adapter writes it
+    (labels put on the prompt too, e.g. ``labels = input_ids``, are not the adapter's)."""
+    labels = batch["labels"]
+    positions = torch.arange(labels.shape[1], device=labels.device)[None, :]
+    prompt = positions <= batch["prompt_last_index"].to(labels.device)[:, None]
+    return not bool((labels[prompt] != IGNORE_INDEX).any())
+
+
 def ensure_targets(adapter: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
-    """A teacher-forcing batch (the adapter's encoding with ``labels``): ``batch`` itself or a re-encoding of its items."""
-    if "labels" in batch and _adapter_encoded(batch):
+    """A teacher-forcing batch (the adapter's encoding with ``labels`` on the target tokens only):
+    ``batch`` itself or a re-encoding of its items."""
+    if "labels" in batch and _adapter_encoded(batch) and _labels_on_targets_only(batch):
         return move_to_device(batch, adapter.device)
-    return encode_items(adapter, _items(batch, " with `labels`"), with_targets=True)
+    return encode_items(adapter, _items(batch, " with `labels` on the target tokens only"), with_targets=True)
 
 
 def ensure_prompt_only(adapter: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
