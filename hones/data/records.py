@@ -118,7 +118,7 @@ def fit_box(
     if x >= actual[0] or y >= actual[1] or x + w <= 0 or y + h <= 0:
         from hones.data.errors import DataError
 
-        sizes = f"the annotation gives no image size" if annotated is None else f"annotated as {annotated[0]}x{annotated[1]}"
+        sizes = "the annotation gives no image size" if annotated is None else f"annotated as {annotated[0]}x{annotated[1]}"
         raise DataError(str(item.image), f"OCR box {list(box)} lies outside the {actual[0]}x{actual[1]} image ({sizes})", item=item.uid)
     return (x, y, w, h)
 

@@ -178,7 +178,7 @@ def _retrieval_items(
                     image=record.image,
                     prompt=task_prompt("retrieval", caption=caption),
                     target="Yes" if label else "No",
-                    references=references,
+                    references=list(references),
                     group=record.image_id,
                     label=label,
                 )

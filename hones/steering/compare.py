@@ -105,8 +105,7 @@ class Comparison:
         self.data_args = plain(self.config.data)
         if self.settings.get("test_split_file") is None:
             raise ValueError("compare.test_split_file is required: the methods are compared on the test split (§5)")
-        dev_split = self.settings.get("dev_split_file") or self.data_args.get("split_file")
-        check_disjoint_splits({"dev": dev_split, "test": self.settings["test_split_file"]})
+        check_disjoint_splits({"dev": self.dev_split_file(), "test": self.settings["test_split_file"]})
         factors = self.settings.get("grid_factors") or []
         if not factors or any(not isinstance(f, (int, float)) or isinstance(f, bool) or f <= 0 for f in factors):
             raise ValueError(f"compare.grid_factors must be a non-empty list of positive factors; got {factors!r}")
@@ -288,9 +287,13 @@ class Comparison:
         best = max(method.grid, key=lambda f: (scores[f], -abs(f - 1.0)))
         return best, scores
 
+    def dev_split_file(self) -> str | None:
+        """The dev split the methods train and choose on: ``compare.dev_split_file``, else ``data.split_file``."""
+        return self.settings.get("dev_split_file") or self.data_args.get("split_file")
+
     def run(self) -> dict[str, Any]:
         settings = self.settings
-        dev_split = settings.get("dev_split_file") or self.data_args.get("split_file")
+        dev_split = self.dev_split_file()
         dev_limit = settings.get("dev_limit") or self.data_args.get("limit")
         dev_train = self.datamodule(split="dev", split_file=dev_split, training=True)
         dev_eval = self.datamodule(split="dev", split_file=dev_split, training=False, limit=dev_limit)
