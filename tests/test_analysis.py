@@ -4,6 +4,7 @@ cross-ablation, logit lens, and the driver's PNG + TensorBoard + JSON/markdown o
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -307,7 +308,7 @@ def test_shipped_configs_parse(path: Path) -> None:
     assert config.banks and config.out_dir and Path(config.model).name in config.out_dir
 
 
-def test_cli_runs_from_yaml(tiny_llava, world: Path, tmp_path: Path) -> None:
+def test_cli_runs_from_yaml(tiny_llava, world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model_dir = save_pretrained(tiny_llava.model, tiny_llava.processor, tmp_path / "model")
     root = write_banks(tmp_path / "analyze", random_banks(tiny_llava.num_layers, tiny_llava.ffn_width, seed=1))
     data = tiny_data(world)
@@ -322,6 +323,12 @@ def test_cli_runs_from_yaml(tiny_llava, world: Path, tmp_path: Path) -> None:
     summary = io.read_json(tmp_path / "out" / "analysis.json")
     assert summary["tasks"] == ["vqa", "caption"] and summary["logit_lens"]["top_k"] == 2
     assert summary["data"]["limit"] == 1 and "cross_ablation" in summary["figures"]
+    # a bank of another model: one line and status 2, no traceback
+    bad = tmp_path / "bad_banks"
+    shutil.copytree(root, bad)
+    (bad / "vqa" / "bank_hones.json").write_text('[{"layer": 9, "neuron": 0, "score": 1.0, "rank": 0}]')
+    assert main(["--config", str(config), "--banks", str(bad)]) == 2
+    assert "layer 9 out of range" in capsys.readouterr().err
 
 
 def test_hooks_as_a_jsonargparse_subcommand(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -345,3 +345,42 @@ def test_reading_annotations_makes_no_network_call(tmp_path: Path, cache: Path, 
     path = write_coco(tmp_path / "ann.json", [coco_row(1), coco_row(7)])
     assert len(load_coco_unified(path, cache_dir=cache)) == 2
     assert len(calls) == 1 and datasets.config.HF_UPDATE_DOWNLOAD_COUNTS is True  # no ping; the setting restored
+
+
+def test_an_ocr_box_that_misses_its_image_file_is_named_at_load(tmp_path: Path, cache: Path) -> None:
+    """The box is checked against the image file when annotations are loaded with images (before any
+    worker process): scaled for a resized file, an ocr.bbox error when it still misses it."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for image_id, size in ((1, (32, 32)), (7, (32, 32))):  # half-size copies of the annotated 64x64 images
+        Image.new("RGB", size).save(images / f"{image_id}.png")
+    rows = [coco_row(1, **{"ocr.bbox": [40, 40, 20, 10]}), coco_row(7, **{"ocr.bbox": [40, 40, 20, 10]})]
+    rows[1]["image_info"] = {"file_name": "7.png", "id": 7}  # no annotated size: the box stays at 40, 40
+    path = write_coco(tmp_path / "ann.json", rows)
+    with pytest.raises(DataError) as info:
+        load_coco_unified(path, images, cache_dir=cache)
+    assert_one_line(info.value, "image_id=7", "'ocr.bbox'", "lies outside the 32x32 image file (the annotation gives no image size)", "--data.lenient true")
+    skips = SkipReport()
+    records = load_coco_unified(path, images, cache_dir=cache, lenient=True, skips=skips)
+    assert [r.image_id for r in records] == ["1"] and skips.total == 1 and "ocr.bbox" in skips.summary()
+    assert len(load_coco_unified(path, images, cache_dir=cache, tasks=("vqa",))) == 2  # other tasks do not read boxes
+
+
+def test_a_data_error_in_a_loader_worker_stays_one_line() -> None:
+    """torch rebuilds a worker's exception from its traceback text; DataError keeps the one line."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(BadItems(), batch_size=1, num_workers=1)
+    with pytest.raises(DataError) as info:
+        next(iter(loader))
+    assert str(info.value) == "img.png item u1: cannot read the image" and info.value.problem == str(info.value)
+
+
+class BadItems:
+    """A dataset whose item raises a DataError (in a worker process)."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> Any:
+        raise DataError("img.png", "cannot read the image", item="u1")

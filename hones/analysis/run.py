@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -377,7 +378,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     parser = build_parser()
     config = parser.parse_args(list(argv) if argv is not None else None)
-    summary = run_from_namespace(parser, config)
+    from hones.attribution.bank import BankError
+    from hones.data.errors import DataError
+
+    try:
+        summary = run_from_namespace(parser, config)
+    except (BankError, DataError) as error:  # bad data or banks: the file, item and field, in one line
+        print(f"hones.analysis.run: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {len(summary['figures'])} figures and {len(summary['tables'])} tables")
     return 0
 

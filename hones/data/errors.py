@@ -31,16 +31,24 @@ def _reason_of(error: DataError) -> str:
 class DataError(ValueError):
     """Bad input data; ``str(err)`` is one line: ``FILE [item ITEM] [field 'FIELD']: PROBLEM``.
 
-    Attributes ``file``, ``item``, ``field`` and ``problem`` hold the parts.
+    Attributes ``file``, ``item``, ``field`` and ``problem`` hold the parts. ``DataError(message)``
+    alone, as torch rebuilds an error raised in a DataLoader worker, keeps the message's last line
+    (the worker's one-line error) as ``problem``.
     """
 
     def __init__(
         self,
         file: str | PathLike[str],
-        problem: str,
+        problem: str | None = None,
         item: object | None = None,
         field: str | None = None,
     ) -> None:
+        if problem is None:  # rebuilt from its message alone: torch re-raises a DataLoader worker's error so
+            line = str(file).strip().splitlines()[-1] if str(file).strip() else ""
+            self.file, self.item, self.field = "", None, None
+            self.problem = _one_line(line.split("DataError: ", 1)[-1])  # the worker's one line, traceback dropped
+            super().__init__(self.problem)
+            return
         self.file = str(file)
         self.item = None if item is None else _one_line(item)
         self.field = field

@@ -328,8 +328,10 @@ def _collect(
     verify_images: bool,
     skips: SkipReport | None,
     unique_key: Callable[[SourceRecord], str],
+    check_boxes: bool = False,
 ) -> list[SourceRecord]:
-    """Validate rows, filter by split, subsample, check images: the pipeline every loader shares."""
+    """Validate rows, filter by split, subsample, check images (and, with ``check_boxes``, that each
+    OCR box falls on its image file): the pipeline every loader shares."""
     report = SkipReport(str(path))
     split_ids = read_split_ids(split_file) if split_file is not None else None
     parsed: list[_Parsed] = []
@@ -383,10 +385,12 @@ def _collect(
         try:
             if check_images:
                 entry.record.image = _find_image(entry, verify_images)
+                if check_boxes:
+                    _check_ocr_box(entry)
         except DataError as err:
             if not lenient:
                 raise _with_lenient_hint(err) from None
-            report.add(err, reason="image: missing or unreadable")
+            report.add(err, reason=None if err.field == "ocr.bbox" else "image: missing or unreadable")
             continue
         chosen.append(entry)
     if not chosen:
@@ -406,6 +410,25 @@ def _find_image(entry: _Parsed, verify: bool) -> str:
             return candidate
     tried = " or ".join(entry.candidates)
     raise entry.item.error("image", f"image file not found: {tried}")
+
+
+def _check_ocr_box(entry: _Parsed) -> None:
+    """An ``ocr.bbox`` error when the record's OCR box misses its image file (read from the file's
+    header; a file of another size than the annotation's gets the box scaled, see ``scaled_box``)."""
+    from PIL import Image
+
+    from hones.data.records import box_problem, scaled_box
+
+    ocr = entry.record.ocr
+    if ocr is None:
+        return
+    try:
+        with Image.open(entry.record.image) as image:
+            size = image.size
+    except OSError:
+        return  # unreadable: named when the image is loaded (or by verify_images)
+    if scaled_box(ocr.bbox, ocr.image_size, size) is None:
+        raise entry.item.error("ocr.bbox", box_problem(ocr.bbox, ocr.image_size, size) + f": {entry.record.image}")
 
 
 # --------------------------------------------------------------------------- loaders
@@ -479,6 +502,7 @@ def load_coco_unified(
         verify_images=verify_images,
         skips=skips,
         unique_key=lambda record: record.image_id,
+        check_boxes="ocr" in tasks,
     )
 
 

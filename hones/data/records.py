@@ -11,6 +11,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from PIL import Image
 
@@ -106,21 +107,37 @@ def load_image(item_or_path: TaskItem | Image.Image | str | os.PathLike[str]) ->
     return _resolve(item_or_path, None)
 
 
-def fit_box(
-    box: tuple[float, float, float, float], annotated: tuple[int, int] | None, actual: tuple[int, int], item: TaskItem
-) -> tuple[float, float, float, float]:
-    """``box`` in the pixels of the image as loaded: scaled when the file's size differs from the
-    annotation's (a resized copy); a ``DataError`` naming the image when the box misses it."""
+def scaled_box(
+    box: tuple[float, float, float, float], annotated: tuple[int, int] | None, actual: tuple[int, int]
+) -> tuple[float, float, float, float] | None:
+    """``box`` (in the pixels of an image of the ``annotated`` size) in those of the image file as it
+    is (``actual``): scaled when the two differ (a resized copy); None when it misses the image."""
     x, y, w, h = box
     if annotated is not None and tuple(annotated) != tuple(actual):
         sx, sy = actual[0] / annotated[0], actual[1] / annotated[1]
         x, y, w, h = x * sx, y * sy, w * sx, h * sy
     if x >= actual[0] or y >= actual[1] or x + w <= 0 or y + h <= 0:
+        return None
+    return (x, y, w, h)
+
+
+def box_problem(box: Sequence[float], annotated: tuple[int, int] | None, actual: tuple[int, int]) -> str:
+    """The one-line problem of a box that misses its image file."""
+    sizes = "the annotation gives no image size" if annotated is None else f"annotated as {annotated[0]}x{annotated[1]}"
+    return f"OCR box {list(box)} lies outside the {actual[0]}x{actual[1]} image file ({sizes})"
+
+
+def fit_box(
+    box: tuple[float, float, float, float], annotated: tuple[int, int] | None, actual: tuple[int, int], item: TaskItem
+) -> tuple[float, float, float, float]:
+    """``scaled_box``, or a ``DataError`` naming the item when the box misses the image (the loaders
+    check this when they load annotations with images; this catches items built otherwise)."""
+    fitted = scaled_box(box, annotated, actual)
+    if fitted is None:
         from hones.data.errors import DataError
 
-        sizes = "the annotation gives no image size" if annotated is None else f"annotated as {annotated[0]}x{annotated[1]}"
-        raise DataError(str(item.image), f"OCR box {list(box)} lies outside the {actual[0]}x{actual[1]} image ({sizes})", item=item.uid)
-    return (x, y, w, h)
+        raise DataError(str(item.image), box_problem(box, annotated, actual), item=item.uid)
+    return fitted
 
 
 def _resolve(image: Image.Image | str | os.PathLike[str], uid: str | None) -> Image.Image:
