@@ -31,3 +31,16 @@ def test_state_round_trip(tmp_path: Path) -> None:
     state.save()
     again = RunState(tmp_path / "state.json")
     assert again.data["model_name"] == "toy" and again.data["config"] == {"seed": 0} and again.stages == {}
+
+
+def test_lenient_loading_does_not_invalidate_a_finished_stage(tmp_path: Path) -> None:
+    """A strict run stopped by a bad item, rerun with --data.lenient true as the error says, keeps the
+    stages it finished (lenient changes the items only where strict loading fails); other data
+    settings still do not match."""
+    from hones.attribution.run_state import StageMismatchError
+
+    state = RunState(tmp_path / "state.json", "toy", "vqa")
+    state.mark_done("heads", {"data": {"seed": 0, "lenient": False}, "heads": {"top_k": 4}})
+    assert state.is_done("heads", {"data": {"seed": 0, "lenient": True}, "heads": {"top_k": 4}})
+    with pytest.raises(StageMismatchError, match=r"data.seed: 0 -> 1"):
+        state.is_done("heads", {"data": {"seed": 1, "lenient": True}, "heads": {"top_k": 4}})

@@ -46,6 +46,22 @@ def downstream(stage: str) -> list[str]:
     return [stage]
 
 
+# Recorded, but not compared: settings that cannot change a finished stage's result. ``lenient``
+# changes which items load only where strict loading stops with an error, so a stage finished in
+# either mode holds the items the other would load (a run stopped by a strict error resumes with
+# --data.lenient true, as that error suggests, without recomputing the stages it finished).
+NOT_COMPARED = ("lenient",)
+
+
+def _compared(fingerprint: Any) -> Any:
+    """``fingerprint`` without the ``NOT_COMPARED`` keys, at any depth."""
+    if isinstance(fingerprint, dict):
+        return {key: _compared(value) for key, value in fingerprint.items() if key not in NOT_COMPARED}
+    if isinstance(fingerprint, list):
+        return [_compared(value) for value in fingerprint]
+    return fingerprint
+
+
 class RunState:
     """The ``state.json`` of one run folder (``<output_root>/<model>/<task>/``)."""
 
@@ -83,8 +99,8 @@ class RunState:
         if record is None:
             return False
         stored = record.get("fingerprint")
-        if stored != fingerprint:
-            differences = fingerprint_differences(stored, fingerprint)
+        if _compared(stored) != _compared(fingerprint):
+            differences = fingerprint_differences(_compared(stored), _compared(fingerprint))
             shown = "; ".join(differences[:6]) + (f"; ... ({len(differences)} in all)" if len(differences) > 6 else "")
             raise StageMismatchError(
                 f"{self.path}: stage {stage!r} was computed with other settings ({shown}). "
