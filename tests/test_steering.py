@@ -888,8 +888,9 @@ def test_compare_repeats_no_finished_pass(
 
 @pytest.mark.slow
 def test_train_py_fit_resumes_from_its_checkpoint(toy_run: dict[str, Path], tmp_path: Path) -> None:
-    """``train.py fit`` stopped by SIGTERM in its second epoch, then rerun with ``--ckpt_path``:
-    the scales of an uninterrupted ``train.py fit``; a rerun with another setting is refused."""
+    """``train.py fit`` stopped by SIGTERM in its second epoch, then rerun with ``--ckpt_path``, or
+    the same command again: the scales of an uninterrupted ``train.py fit``; a rerun with another
+    setting is refused."""
     import os
     import subprocess
     import sys
@@ -915,6 +916,12 @@ def test_train_py_fit_resumes_from_its_checkpoint(toy_run: dict[str, Path], tmp_
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Restored all states from the checkpoint" in resumed.stderr
     assert torch.equal(load_scales(tmp_path / "run" / "scales.json").s, load_scales(tmp_path / "whole" / "scales.json").s)
+    # the same command resubmitted (a requeued job: no --ckpt_path) resumes a checkpoint of its settings
+    assert fit(tmp_path / "again", *stop).returncode == 143
+    again = fit(tmp_path / "again")
+    assert again.returncode == 0 and "resuming the stopped fit from" in again.stderr, again.stderr[-2000:]
+    assert "Restored all states from the checkpoint" in again.stderr
+    assert torch.equal(load_scales(tmp_path / "again" / "scales.json").s, load_scales(tmp_path / "whole" / "scales.json").s)
     stopped = fit(tmp_path / "other", *stop)
     checkpoint = tmp_path / "other" / "checkpoints" / "last.ckpt"
     assert stopped.returncode == 143 and checkpoint.is_file(), stopped.stderr[-2000:]

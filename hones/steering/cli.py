@@ -11,7 +11,8 @@ Trainer defaults are the paper's (HONES_METHOD §5): 2 epochs, gradient accumula
 gradient-norm clip 1.0; the logger is TensorBoard with ``default_hp_metric=False``.
 ``fit`` keeps a resume checkpoint, ``<model.output_dir>/checkpoints/last.ckpt``
 (``hones.steering.resume``): ``train.py fit --config ... --ckpt_path <that file>``
-continues an interrupted fit to the scales an uninterrupted one gives. The checkpoint is
+continues an interrupted fit to the scales an uninterrupted one gives, and so does the same
+``fit`` command run again (a requeued job) when the checkpoint was written with its settings. The checkpoint is
 tagged with the fit's settings (``hones.steering.fingerprint.fit_fingerprint``); a resume
 with other settings stops with one line naming them. Lightning's own
 epoch-end checkpoints (under the TensorBoard version folder) are restored by Lightning
@@ -28,6 +29,7 @@ from typing import Any
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 from jsonargparse import lazy_instance
 
 from hones.run_defaults import HonesCLI
@@ -105,6 +107,26 @@ class SteeringCLI(HonesCLI):
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         self._model_given = plain(self.config[subcommand].model) if subcommand else None
+        if subcommand == "fit":
+            self._resume_a_stopped_fit()
+
+    def _resume_a_stopped_fit(self) -> None:
+        """``fit`` without ``--ckpt_path``: when ``<model.output_dir>/checkpoints/last.ckpt`` was written
+        by a fit with these settings (its tag), resume from it, so that the same command resubmitted
+        after a preemption or a time limit goes on instead of starting over. A checkpoint of other
+        settings is left to ``FitCheckpoint``, which replaces it."""
+        config = self.config.fit
+        directory = config.model.get("output_dir")
+        if config.get("ckpt_path") or not directory:
+            return
+        path = Path(directory) / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            return
+        tag = fit_fingerprint(plain(config.model), plain(config.data), plain(config.trainer), config.get("seed_everything"))
+        if FitCheckpoint.read_tag(path) != tag:
+            return
+        config.ckpt_path = str(path)
+        rank_zero_info(f"train.py fit: resuming the stopped fit from {path} (same settings; remove it to train from scratch)")
 
     def before_instantiate_classes(self) -> None:
         """With ``--ckpt_path``, LightningCLI replaces the ``model`` settings by those stored in the
