@@ -155,3 +155,22 @@ def test_sigterm_exit_status_gives_143() -> None:
     with pytest.raises(SystemExit) as other, sigterm_exit_status():
         raise SystemExit(2)
     assert other.value.code == 2
+
+
+def test_a_job_launched_as_several_processes_with_a_one_process_trainer_stops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun / srun start N copies; with trainer.devices x num_nodes = 1 each would run the whole
+    job and write the same files (Lightning does not check devices: 1)."""
+    from types import SimpleNamespace
+
+    from hones.run_defaults import LaunchCheck, launched_processes
+
+    assert launched_processes({"TORCHELASTIC_RUN_ID": "1", "WORLD_SIZE": "4"}) == 4
+    assert launched_processes({"SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8"}) == 8
+    assert launched_processes({"WORLD_SIZE": "4"}) == 1 and launched_processes({"SLURM_NTASKS": "8"}) == 1  # no launcher step
+    for name in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    LaunchCheck().setup(SimpleNamespace(world_size=1), None, "test")  # no launcher: fine
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    LaunchCheck().setup(SimpleNamespace(world_size=2), None, "test")  # the Trainer runs the 2 processes
+    with pytest.raises(SystemExit, match=r"launched as 2 processes \(torchrun / srun\), but the Trainer runs 1"):
+        LaunchCheck().setup(SimpleNamespace(world_size=1), None, "test")
