@@ -14,8 +14,10 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || echo "scripts/setup.sh: could not upgrade pip; going on with $(python -m pip --version)" >&2
 TORCH="torch==2.13.0"
 case "${HONES_TORCH:-cpu}" in
-  # an unreachable index (an offline mirror) costs seconds: pip goes on with the configured sources
-  cpu)  python -m pip install -q --index-url "${HONES_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" --timeout 15 --retries 1 "$TORCH" ;;
+  # --index-url replaces the configured index; where PyTorch's cannot be reached (a mirror-only
+  # host) the plain install from the configured sources follows
+  cpu)  python -m pip install -q --index-url "${HONES_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" --timeout 15 --retries 1 "$TORCH" \
+          || python -m pip install -q "$TORCH" ;;
   cuda)
     if python -c 'import sys, torch; sys.exit(0 if "+cpu" in torch.__version__ else 1)' 2>/dev/null; then
       python -m pip uninstall -q -y torch   # a CPU build would "already satisfy" the pin

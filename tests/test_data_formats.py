@@ -364,6 +364,10 @@ def test_an_ocr_box_that_misses_its_image_file_is_named_at_load(tmp_path: Path, 
     records = load_coco_unified(path, images, cache_dir=cache, lenient=True, skips=skips)
     assert [r.image_id for r in records] == ["1"] and skips.total == 1 and "ocr.bbox" in skips.summary()
     assert len(load_coco_unified(path, images, cache_dir=cache, tasks=("vqa",))) == 2  # other tasks do not read boxes
+    for row in rows:  # no image_root: the images are found through image_path, relative to the annotation file
+        row["image_path"] = f"images/{row['image_id']}.png"
+    with pytest.raises(DataError, match=r"image_id=7 field 'ocr.bbox': OCR box .* lies outside the 32x32 image file"):
+        load_coco_unified(write_coco(tmp_path / "ann_paths.json", rows), cache_dir=cache)
 
 
 def test_a_data_error_in_a_loader_worker_stays_one_line() -> None:

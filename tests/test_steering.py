@@ -922,6 +922,11 @@ def test_train_py_fit_resumes_from_its_checkpoint(toy_run: dict[str, Path], tmp_
     assert again.returncode == 0 and "resuming the stopped fit from" in again.stderr, again.stderr[-2000:]
     assert "Restored all states from the checkpoint" in again.stderr
     assert torch.equal(load_scales(tmp_path / "again" / "scales.json").s, load_scales(tmp_path / "whole" / "scales.json").s)
+    # a setting the checkpoint's tag leaves out, but LightningCLI would take from it: trained afresh, not refused
+    assert fit(tmp_path / "fresh", *stop).returncode == 143
+    fresh = fit(tmp_path / "fresh", "--model.stats_threshold", "0.2")
+    assert fresh.returncode == 0 and "resuming the stopped fit" not in fresh.stderr, fresh.stderr[-2000:]
+    assert "left by an earlier fit" in fresh.stderr
     stopped = fit(tmp_path / "other", *stop)
     checkpoint = tmp_path / "other" / "checkpoints" / "last.ckpt"
     assert stopped.returncode == 143 and checkpoint.is_file(), stopped.stderr[-2000:]

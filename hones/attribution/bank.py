@@ -250,8 +250,11 @@ def load_head_scores(path: str | os.PathLike) -> Any:
     )
 
 
-def write_head_list(path: str | os.PathLike, scores: Any, top_k: int | None = None) -> Path:
-    """The ranked head list as JSON (all evaluated heads, or the top ``top_k``)."""
+def write_head_list(
+    path: str | os.PathLike, scores: Any, top_k: int | None = None, selected: Sequence[tuple[int, int]] | None = None
+) -> Path:
+    """The ranked head list as JSON (all evaluated heads, or the top ``top_k``); with ``selected``
+    (H*), also ``"top_k": len(selected)`` and ``"selected"``."""
     ranked = scores.ranked_heads()
     if top_k is not None:
         ranked = ranked[:top_k]
@@ -265,16 +268,16 @@ def write_head_list(path: str | os.PathLike, scores: Any, top_k: int | None = No
         }
         for rank, (l, h) in enumerate(ranked)
     ]
-    return io.write_json(
-        path,
-        {
-            "task": scores.task,
-            "utility": scores.utility,
-            "baseline": float(scores.baseline),
-            "num_items": int(scores.num_items),
-            "heads": heads,
-        },
-    )
+    listing: dict[str, Any] = {
+        "task": scores.task,
+        "utility": scores.utility,
+        "baseline": float(scores.baseline),
+        "num_items": int(scores.num_items),
+        "heads": heads,
+    }
+    if selected is not None:
+        listing.update(top_k=len(selected), selected=[[int(l), int(h)] for l, h in selected])
+    return io.write_json(path, listing)
 
 
 def read_head_list(

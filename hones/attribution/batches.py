@@ -8,8 +8,8 @@ inputs, ``prompt_last_index`` and, with targets, ``labels`` on the target tokens
 generation needs a prompt-only one. These helpers return the batch unchanged when it is
 already the adapter's encoding in the needed form (it has ``prompt_last_index``, which only
 the adapter writes, and ``labels`` only on the target tokens) and re-encode it from ``items``
-otherwise, so an encoding of the user's own (e.g. ``labels = input_ids``, which would count
-the prompt as target) is never read.
+otherwise, so with ``items`` in the batch an encoding of the user's own (e.g.
+``labels = input_ids``, which would count the prompt as target) is never read.
 """
 
 from __future__ import annotations

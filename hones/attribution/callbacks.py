@@ -361,7 +361,7 @@ class HeadLocalizationCallback(_AttributionCallback):
             return
         if self.output_dir is not None:
             save_head_scores(self.output_dir / "head_scores.safetensors", self.scores)
-            write_head_list(self.output_dir / "heads.json", self.scores)
+            write_head_list(self.output_dir / "heads.json", self.scores, selected=self.top_heads)
             if self.compare_scores is not None:
                 save_head_scores(self.output_dir / f"head_scores_{self.compare_utility}.safetensors", self.compare_scores)
                 from hones import io
@@ -405,7 +405,7 @@ def _heads_and_deltas(source: HeadSource, top_k: int | None, default_k: int = 30
             rows = sorted(rows, key=lambda row: int(row["rank"]))
         else:
             rows = sorted(rows, key=lambda row: -float(row["delta"]))
-        stored = io.read_json(source).get("top_k")  # analyze.py records its run's |H*|
+        stored = io.read_json(source).get("top_k")  # the head callback records its |H*|
         rows = rows[: top_k if top_k is not None else stored if isinstance(stored, int) else default_k]
         return [(int(r["layer"]), int(r["head"])) for r in rows], [float(r["delta"]) for r in rows]
     if isinstance(source, (str, os.PathLike)):
@@ -425,7 +425,7 @@ class NeuronAttributionCallback(_AttributionCallback):
             ``head_scores.safetensors`` or ``heads.json`` path (its output files), or
             (layer, head, Δ) triples.
         top_k: |H*| when ``heads`` holds all scores (None: the callback's own H*, or the
-            ``top_k`` that ``analyze.py`` records in its ``heads.json``, else the architecture
+            ``top_k`` that the head callback records in its ``heads.json``, else the architecture
             default: LLaVA 30, Qwen2.5-VL 25, others 30).
         top_ratio: budget, the global top fraction of L × I (§3 default 0.01).
         task: None reads it from the first batch.

@@ -401,11 +401,6 @@ class TaskRun:
         scores = callback.scores
         assert scores is not None
         self._head_scores = scores
-        if is_global_zero():
-            listing = io.read_json(self.run_dir / "heads.json")
-            listing["top_k"] = k
-            listing["selected"] = [[l, h] for l, h in callback.top_heads]
-            io.write_json(self.run_dir / "heads.json", listing)
         info = {"num_items": scores.num_items, "baseline": scores.baseline, "top_heads": [[l, h] for l, h in callback.top_heads]}
         if callback.agreement:
             info["agreement"] = {name: (value if math.isfinite(value) else None) for name, value in callback.agreement.items()}

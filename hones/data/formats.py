@@ -385,8 +385,8 @@ def _collect(
         try:
             if check_images:
                 entry.record.image = _find_image(entry, verify_images)
-                if check_boxes:
-                    _check_ocr_box(entry)
+            if check_boxes:
+                _check_ocr_box(entry)
         except DataError as err:
             if not lenient:
                 raise _with_lenient_hint(err) from None
@@ -422,13 +422,16 @@ def _check_ocr_box(entry: _Parsed) -> None:
     ocr = entry.record.ocr
     if ocr is None:
         return
+    found = [path for path in (entry.record.image, *entry.candidates) if os.path.isfile(path)]
+    if not found:
+        return  # no image file at hand (the loader does not touch images): checked when one is loaded
     try:
-        with Image.open(entry.record.image) as image:
+        with Image.open(found[0]) as image:
             size = image.size
     except OSError:
         return  # unreadable: named when the image is loaded (or by verify_images)
     if scaled_box(ocr.bbox, ocr.image_size, size) is None:
-        raise entry.item.error("ocr.bbox", box_problem(ocr.bbox, ocr.image_size, size) + f": {entry.record.image}")
+        raise entry.item.error("ocr.bbox", box_problem(ocr.bbox, ocr.image_size, size) + f": {found[0]}")
 
 
 # --------------------------------------------------------------------------- loaders

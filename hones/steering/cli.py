@@ -122,8 +122,17 @@ class SteeringCLI(HonesCLI):
         path = Path(directory) / "checkpoints" / "last.ckpt"
         if not path.is_file():
             return
+        import torch
+
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         tag = fit_fingerprint(plain(config.model), plain(config.data), plain(config.trainer), config.get("seed_everything"))
-        if FitCheckpoint.read_tag(path) != tag:
+        if FitCheckpoint.tag_of(checkpoint) != tag:
+            return
+        # the model settings LightningCLI would take from the checkpoint (``_parse_ckpt_path``) must be
+        # the given ones: the tag leaves some out (output_dir, stats_threshold)
+        stored = without(dict(checkpoint.get("hyper_parameters") or {}), ("adapter_factory", "_instantiator", "_class_path"))
+        given = {key: self._model_given.get(key) for key in stored}
+        if fingerprint_differences(jsonable(stored), jsonable(given), "model"):
             return
         config.ckpt_path = str(path)
         rank_zero_info(f"train.py fit: resuming the stopped fit from {path} (same settings; remove it to train from scratch)")

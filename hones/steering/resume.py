@@ -213,7 +213,11 @@ class FitCheckpoint(Callback):
     def read_tag(path: str | Path) -> Any:
         """The ``tag`` stored in checkpoint ``path`` (None when it has none); loaded with
         ``weights_only=True``."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return FitCheckpoint.tag_of(torch.load(path, map_location="cpu", weights_only=True))
+
+    @staticmethod
+    def tag_of(checkpoint: dict[str, Any]) -> Any:
+        """The ``tag`` stored in a loaded checkpoint (None when it has none)."""
         return json.loads(checkpoint[TAG_KEY]) if TAG_KEY in checkpoint else None
 
     @staticmethod
