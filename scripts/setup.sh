@@ -16,7 +16,7 @@ TORCH="torch==2.13.0"
 case "${HONES_TORCH:-cpu}" in
   # --index-url replaces the configured index; where PyTorch's cannot be reached (a mirror-only
   # host) the plain install from the configured sources follows
-  cpu)  python -m pip install -q --index-url "${HONES_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" --timeout 15 --retries 1 "$TORCH" \
+  cpu)  python -m pip install -qq --index-url "${HONES_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" --timeout 15 --retries 1 "$TORCH" \
           || python -m pip install -q "$TORCH" ;;
   cuda)
     if python -c 'import sys, torch; sys.exit(0 if "+cpu" in torch.__version__ else 1)' 2>/dev/null; then
