@@ -40,6 +40,7 @@ from hones.attribution.settings import model_identity
 from hones.steering.fingerprint import UNUSED_DATA_KEYS, UNUSED_MODEL_KEYS, file_digest, without
 from hones.metrics import build_metric, group_ids, postprocess_generation
 from hones.prediction_journal import PredictionJournal
+from hones.run_defaults import stage_loaders
 
 TASKS = ("vqa", "ocr", "caption", "retrieval")
 METRIC_MODES = ("paper", "official")
@@ -238,12 +239,8 @@ class EpochScoring:
 def _ran_every_batch(trainer: Any) -> bool:
     """Whether the running validate / test pass covers every batch of its loaders (no
     ``limit_*_batches`` or ``fast_dev_run`` cut)."""
-    if trainer.testing:
-        counts, loaders = trainer.num_test_batches, trainer.test_dataloaders
-    else:
-        counts, loaders = trainer.num_val_batches, trainer.val_dataloaders
-    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-    for count, loader in zip(counts, loaders):
+    counts = trainer.num_test_batches if trainer.testing else trainer.num_val_batches
+    for count, loader in zip(counts, stage_loaders(trainer, "test" if trainer.testing else "validate")):
         if hasattr(loader, "__len__") and count < len(loader):
             return False
     return True

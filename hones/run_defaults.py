@@ -24,6 +24,17 @@ from hones.progress import log_progress_bar
 from hones.sigterm import StopOnSigterm
 
 
+def stage_loaders(trainer: Trainer, stage: str) -> list[Any]:
+    """The loaders of the running ``stage`` ("validate", "test" or "predict"), as a list in
+    Lightning's order (one loader, a list, or the values of a dict of loaders); [] without any."""
+    loaders = getattr(trainer, {"validate": "val_dataloaders", "test": "test_dataloaders", "predict": "predict_dataloaders"}[stage])
+    if loaders is None:
+        return []
+    if isinstance(loaders, Mapping):
+        return list(loaders.values())
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+
 def launched_processes(environ: Mapping[str, str] | None = None) -> int:
     """How many processes a launcher started for this job: ``torchrun``'s ``WORLD_SIZE``, or an
     ``srun`` step's ``SLURM_STEP_NUM_TASKS``; 1 without a launcher."""

@@ -63,6 +63,7 @@ from hones.attribution.heads import (
 from hones.attribution.neurons import NeuronAttribution, NeuronAttributor
 from hones.attribution.reports import relative_drop
 from hones.attribution.write_in import idf_from_items
+from hones.run_defaults import stage_loaders
 
 AdapterFactory = Callable[[L.LightningModule], Any]
 STAGES = ("validate", "test", "predict")
@@ -103,11 +104,7 @@ def check_unrepeated_loaders(trainer: L.Trainer, stage: str, owner: str) -> None
     """
     if trainer.world_size <= 1:
         return
-    loaders = getattr(trainer, {"validate": "val_dataloaders", "test": "test_dataloaders", "predict": "predict_dataloaders"}[stage])
-    if loaders is None:
-        return
-    loaders = list(loaders.values()) if isinstance(loaders, Mapping) else loaders
-    for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+    for loader in stage_loaders(trainer, stage):
         sampler = getattr(loader, "sampler", None)
         total, dataset = getattr(sampler, "total_size", None), getattr(sampler, "dataset", None)
         if total is None or not hasattr(dataset, "__len__") or total == len(dataset):

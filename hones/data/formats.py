@@ -184,15 +184,16 @@ def check_disjoint_splits(split_files: Mapping[str, PathLike | None]) -> None:
     for k, (first, first_path) in enumerate(named):
         for second, second_path in named[k + 1 :]:
             shared = ids[first] & ids[second]
-            if shared and first_path.resolve() != second_path.resolve():
-                example = ", ".join(sorted(shared)[:3])
-                raise DataError(
-                    second_path,
-                    f"{len(shared)} image id(s) of the {second} split are also in the {first} split {first_path} "
-                    f"(e.g. {example}); the splits must be image-disjoint",
-                )
-            if shared:
+            if not shared:
+                continue
+            if first_path.resolve() == second_path.resolve():
                 raise DataError(second_path, f"the {first} and {second} splits are the same file; the splits must be image-disjoint")
+            example = ", ".join(sorted(shared)[:3])
+            raise DataError(
+                second_path,
+                f"{len(shared)} image id(s) of the {second} split are also in the {first} split {first_path} "
+                f"(e.g. {example}); the splits must be image-disjoint",
+            )
 
 
 def _with_lenient_hint(error: DataError) -> DataError:
