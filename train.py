@@ -22,6 +22,7 @@ import warnings
 from hones.attribution.bank import BankError
 from hones.attribution.run_state import AnalysisError
 from hones.data.errors import DataError
+from hones.data.resumable import LoaderLayoutError
 from hones.sigterm import sigterm_exit_status
 from hones.steering.resume import ResumeSettingsError
 
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
             SteeringCLI(SteeringModule, HonesDataModule, args=argv, save_config_kwargs={"overwrite": True})
     except (BankError, DataError, ResumeSettingsError) as error:
         sys.exit(f"train.py: {error}")
+    except LoaderLayoutError as error:  # e.g. requeued onto another GPU count under devices: auto
+        sys.exit(f"train.py: {error} (the --ckpt_path given, else <model.output_dir>/checkpoints/last.ckpt, which fit resumes by itself)")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ class MyVLM(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # NeuronSteeringCallback has frozen the VLM and attached the scales as `neuron_scaler`
-        return torch.optim.AdamW(self.neuron_scaler.parameters(), lr=self.lr)
+        return torch.optim.AdamW(self.neuron_scaler.parameters(), lr=self.lr, weight_decay=0.0)  # §5: only λ·mean(s²)
 
 
 def items(world: str, task: str, split: str, limit: int, training: bool = False) -> list[TaskItem]:

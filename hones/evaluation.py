@@ -37,7 +37,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from hones import io
 from hones.adapter_host import AdapterHost, trainer_datamodule
 from hones.attribution.settings import model_identity
-from hones.steering.fingerprint import UNUSED_DATA_KEYS, UNUSED_MODEL_KEYS, file_digest, without
+from hones.steering.fingerprint import UNUSED_DATA_KEYS, UNUSED_MODEL_KEYS, data_files, without
 from hones.metrics import build_metric, group_ids, postprocess_generation
 from hones.prediction_journal import PredictionJournal
 from hones.run_defaults import stage_loaders
@@ -279,7 +279,7 @@ def journal_identity(module: Any, tag: str) -> dict[str, Any]:
         "parameters": parameter_digest(module),
         "trainer": {"precision": str(trainer.precision), "accelerator": type(trainer.accelerator).__name__},
         "data": without(data, UNUSED_DATA_KEYS),
-        "data_files": {key: file_digest(data.get(key)) for key in ("annotation_file", "split_file")},
+        "data_files": data_files(data),
     }
 
 

@@ -228,15 +228,26 @@ class NeuronScaler(nn.Module):
 @contextmanager
 def scale_neurons(adapter: VLMAdapter, scaler: NeuronScaler) -> Iterator[NeuronScaler]:
     """Apply z <- z * (1 + m * s) on every layer of `scaler` (differentiable w.r.t. scaler.s).
-    Toggle with `scaler.enabled` or `with scaler.disabled():` inside the block."""
-    with _hooks_removed_on_exit() as handles:
-        for layer in scaler.layers:
+    Toggle with `scaler.enabled` or `with scaler.disabled():` inside the block. The same scaler
+    on the same model twice at once (it would scale twice) is a ``ValueError``."""
+    hooked_on: set[int] = scaler.__dict__.setdefault("_hooked_on", set())
+    if id(adapter.model) in hooked_on:
+        raise ValueError(
+            "these neuron scales already scale this model (e.g. a NeuronSteeringCallback in the running stage); "
+            "applying them again would scale twice"
+        )
+    hooked_on.add(id(adapter.model))
+    try:
+        with _hooks_removed_on_exit() as handles:
+            for layer in scaler.layers:
 
-            def hook(module: nn.Module, args: tuple[Any, ...], layer: int = layer) -> tuple[Any, ...]:
-                return _replace_input(args, scaler.scale(layer, args[0]))
+                def hook(module: nn.Module, args: tuple[Any, ...], layer: int = layer) -> tuple[Any, ...]:
+                    return _replace_input(args, scaler.scale(layer, args[0]))
 
-            handles.append(adapter.mlp(_check_layer(adapter, layer)).down_proj.register_forward_pre_hook(hook))
-        yield scaler
+                handles.append(adapter.mlp(_check_layer(adapter, layer)).down_proj.register_forward_pre_hook(hook))
+            yield scaler
+    finally:
+        hooked_on.discard(id(adapter.model))
 
 
 # ---------------------------------------------------------------------- capturing

@@ -6,6 +6,7 @@ Every writer goes through a temporary file in the target directory followed by
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -67,6 +68,28 @@ def read_json(path: str | os.PathLike) -> Any:
             return json.load(handle)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: str | os.PathLike | None) -> str | None:
+    """SHA-256 of a file's bytes (None when ``path`` is None or not a file).
+
+    Remembered per (real path, size, modification time) within a process, so that a
+    fingerprint computed at every stage reads a large annotation file once.
+    """
+    if path is None or not os.path.isfile(path):
+        return None
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:

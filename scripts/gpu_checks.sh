@@ -17,12 +17,11 @@
 #      prefill at batch 1 and 8 (3 timed iterations), attribution rows on 8 items
 #      (2 for the straightforward loop): trimmed from its ~5-10 min defaults   (<= 180 s)
 #   e. (STEPS=e2e) the user's commands on the GPU, on the embedded default (generated first if absent):
-#      bench_7b_b32: step d at batch 32, prefill only                    (<= 75 s; 36 s on one H200)
-#      steer_bf16:   train.py fit, toy-llava vqa, precision bf16-true with bf16 weights (the 7B
-#                    steering configs' settings), the bank at runs/analyze/toy-llava/vqa
-#                    (carry it to a bare machine)                         (<= 75 s; 39 s)
+#      bench_7b_b32: step d at batch 32, prefill only (E2E_BENCH=0 skips it) (<= 75 s; 36 s on one H200)
 #      analyze_toy:  analyze.py all --config configs/analyze/toy_llava.yaml on the GPU (fp32;
 #                    the README's main job)                               (<= 300 s; > 200 s)
+#      steer_bf16:   train.py fit, toy-llava vqa, precision bf16-true with bf16 weights (the 7B
+#                    steering configs' settings), on the bank analyze_toy just wrote (<= 75 s; 39 s)
 #      pytest_gpu's limit is 60 s here (30 s on one H200). The run folders are packed into
 #      $OUT_DIR/e2e_runs.tar.gz; compare them with a CPU run by scripts/compare_runs.py.
 #   f. (STEPS=real7b) the real-model configs at the 7B shapes, end to end, on random weights
@@ -123,12 +122,13 @@ if [ "${STEPS:-default}" = "real7b" ]; then
 elif [ "${STEPS:-default}" = "e2e" ]; then
     RUNS=$(mktemp -d)
     [ -e toyworld_data/toyworld.json ] || "$PY" -m hones.data.toyworld --out toyworld_data | tee -a "$SUMMARY"
-    step bench_7b_b32 75 "$PY" benchmarks/bench_gpu_7b.py --arch both --batch-sizes 32 --iterations 3 --attr-items 0
-    step steer_bf16 75 "$PY" train.py fit --config configs/steering/toy_llava_vqa.yaml \
-        --trainer.accelerator gpu --trainer.precision bf16-true --model.dtype bf16 \
-        --model.output_dir "$RUNS/steering/toy-llava/vqa" --trainer.logger.init_args.save_dir "$RUNS/steering/toy-llava/vqa"
+    [ "${E2E_BENCH:-1}" = 0 ] || step bench_7b_b32 75 "$PY" benchmarks/bench_gpu_7b.py --arch both --batch-sizes 32 --iterations 3 --attr-items 0
     step analyze_toy 300 "$PY" analyze.py all --config configs/analyze/toy_llava.yaml \
         --trainer.accelerator gpu --output_root "$RUNS/analyze"
+    step steer_bf16 75 "$PY" train.py fit --config configs/steering/toy_llava_vqa.yaml \
+        --trainer.accelerator gpu --trainer.precision bf16-true --model.dtype bf16 \
+        --model.bank "$RUNS/analyze/toy-llava/vqa/bank_hones.json" \
+        --model.output_dir "$RUNS/steering/toy-llava/vqa" --trainer.logger.init_args.save_dir "$RUNS/steering/toy-llava/vqa"
     tar -czf "$OUT_DIR/e2e_runs.tar.gz" -C "$RUNS" .
 else
     # c. optimised vs straightforward attribution on the GPU (toy model), counted FLOPs, memory rows

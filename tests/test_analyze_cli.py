@@ -738,3 +738,37 @@ def test_overlapping_discovery_and_test_splits_stop_the_run(
     assert cli.main(args) == 2
     assert "the discovery and test splits are the same file" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_test_item_stops_all_before_the_discovery_stages(
+    world: Path, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``all`` loads the test split first: a strict load error there costs no heads or neurons pass."""
+    records = json.loads((world / "coco" / "unified.json").read_text())
+    test_ids = set(json.loads((world / "splits" / "test.json").read_text()))
+    bad = next(record for record in records["data"] if record["image_id"] in test_ids and record.get("vqa"))
+    bad["vqa"]["question"] = ""
+    annotations = tmp_path / "unified.json"
+    annotations.write_text(json.dumps(records))
+    cli = load_cli()
+    args = cli_args("all", world, model_dir, tmp_path / "runs", "--task", "vqa", "--data.annotation_file", str(annotations),
+                    "--data.image_root", str(world / "coco" / "images"))  # fmt: skip
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert str(bad["image_id"]) in err and "heads (§2)" not in err
+    assert not (tmp_path / "runs" / "tiny" / "vqa" / "state.json").exists()
+
+
+def test_a_regenerated_split_file_is_another_setting(world: Path, tmp_path: Path) -> None:
+    """Stage fingerprints hold the annotation and split files' digests: the same path with other
+    contents does not reuse a finished stage."""
+    from hones.attribution.settings import fingerprint_differences, stage_fingerprint
+
+    split = tmp_path / "test.json"
+    shutil.copy(world / "splits" / "test.json", split)
+    config = small_config(world, tmp_path / "runs", test=SplitSettings("test", str(split), None, 5))
+    before = stage_fingerprint(config, "vqa", "mask/hones")
+    assert before == stage_fingerprint(config, "vqa", "mask/hones")
+    split.write_text(json.dumps(json.loads(split.read_text())[1:]))
+    assert fingerprint_differences(before, stage_fingerprint(config, "vqa", "mask/hones"))[0].startswith("test.data_files.split_file: ")
+    assert stage_fingerprint(config, "vqa", "neurons") == {k: v for k, v in before.items() if k not in ("method", "test", "masking")}

@@ -19,7 +19,7 @@ from torch.utils.data import RandomSampler
 
 from hones.attribution.bank import BankEntry, write_bank
 from hones.data.datamodule import HonesDataModule
-from hones.data.resumable import ResumableBatchSampler, ResumableLoader
+from hones.data.resumable import LoaderLayoutError, ResumableBatchSampler, ResumableLoader
 from hones.data.toyworld import ToyWorldConfig, generate_world
 from hones.models import build_tiny_llava, wrap_model
 from hones.steering.module import SteeringModule, cosine_decay_factor, lazy_cosine_decay
@@ -87,7 +87,7 @@ def test_loader_resumes_at_the_saved_batch(n: int, workers: int, ahead: int, epo
 def test_loader_refuses_another_layout() -> None:
     state = _loader(trained=lambda: (1, False)).state_dict()
     assert (state["items"], state["batch_size"], state["processes"]) == (10, 3, 1)
-    with pytest.raises(ValueError, match=r"other items: 10 -> 12; resume with the same data and processes, or remove the checkpoint"):
+    with pytest.raises(LoaderLayoutError, match=r"other items: 10 -> 12; resume with the same data and processes, or remove the checkpoint"):
         _loader(12).load_state_dict(state)
 
 

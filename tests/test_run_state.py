@@ -44,3 +44,33 @@ def test_lenient_loading_does_not_invalidate_a_finished_stage(tmp_path: Path) ->
     assert state.is_done("heads", {"data": {"seed": 0, "lenient": True}, "heads": {"top_k": 4}})
     with pytest.raises(StageMismatchError, match=r"data.seed: 0 -> 1"):
         state.is_done("heads", {"data": {"seed": 1, "lenient": True}, "heads": {"top_k": 4}})
+
+
+def test_file_digests_are_compared_where_recorded(tmp_path: Path) -> None:
+    """A data file regenerated at the same path is another input; a record made before the
+    digests were recorded (no ``data_files``) is reused as it was."""
+    from hones.attribution.run_state import StageMismatchError
+
+    state = RunState(tmp_path / "state.json", "toy", "vqa")
+    state.mark_done("heads", {"data": {"seed": 0}, "discovery": {"limit": None}})
+    now = {"data": {"seed": 0, "data_files": {"annotation_file": "a1"}}, "discovery": {"limit": None, "data_files": {"split_file": "s1"}}}
+    assert state.is_done("heads", now)
+    state.mark_done("heads", now)
+    assert state.is_done("heads", now)
+    changed = {**now, "discovery": {"limit": None, "data_files": {"split_file": "s2"}}}
+    with pytest.raises(StageMismatchError, match=r"discovery.data_files.split_file: 's1' -> 's2'"):
+        state.is_done("heads", changed)
+    with pytest.raises(StageMismatchError, match=r"data.seed: 0 -> 1"):  # other keys absent from a record still count
+        state.is_done("heads", {**now, "data": {"seed": 1, "data_files": {"annotation_file": "a1"}}})
+
+
+def test_file_digest_follows_the_file(tmp_path: Path) -> None:
+    from hones.io import file_digest
+
+    path = tmp_path / "split.json"
+    assert file_digest(path) is None and file_digest(None) is None
+    path.write_text("[1, 2, 3]")
+    first = file_digest(path)
+    assert first == file_digest(str(path)) and len(first) == 64
+    path.write_text("[1, 2]")
+    assert file_digest(path) != first

@@ -380,6 +380,96 @@ def test_callback_steers_a_custom_module(llava: VLMAdapter, make_image: Callable
     assert all(p.requires_grad for p in llava.model.parameters())  # flags restored
 
 
+class NoOptimiser(TinyTeacherForcing):
+    def configure_optimizers(self) -> None:
+        return None
+
+
+class ScheduledWithoutScales(TinyTeacherForcing):
+    """An optimiser over a stand-in parameter, with a scheduler: s cannot be added to it."""
+
+    def __init__(self, adapter: VLMAdapter) -> None:
+        super().__init__(adapter)
+        self.extra = torch.nn.Parameter(torch.zeros(1))
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW([self.extra], lr=0.1)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)}
+
+
+class FailAt(L.Callback):
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        raise RuntimeError("failed by the test")
+
+
+@pytest.mark.parametrize(
+    "module_class, message",
+    [(NoOptimiser, "configures no optimiser: nothing trains the neuron scales"), (ScheduledWithoutScales, "has an LR scheduler")],
+)
+def test_callback_refuses_a_fit_that_would_not_train_the_scales(
+    llava: VLMAdapter, make_image: Callable[..., Image.Image], module_class: type, message: str
+) -> None:
+    """No optimiser (Lightning would step a stand-in and export zeros) or an optimiser without s
+    whose scheduler cannot take a new group: one line, and the model left unhooked."""
+    batch = toy_batch(llava, make_image, n=2)
+    callback = NeuronSteeringCallback(selection(llava, per_layer=8))
+    with pytest.raises(RuntimeError, match=message):
+        trainer(max_steps=2, callbacks=[callback]).fit(module_class(llava), train_dataloaders=loader(batch, 2))
+    assert _down_proj_hooks(llava) == 0 and all(p.requires_grad for p in llava.model.parameters())
+
+
+def test_a_failed_fit_leaves_the_model_unsteered(llava: VLMAdapter, make_image: Callable[..., Image.Image]) -> None:
+    """Lightning skips teardown when a stage raises: the callback unhooks on the exception."""
+    batch = toy_batch(llava, make_image, n=2)
+    with torch.no_grad():
+        base = llava.forward(batch)
+    callback = NeuronSteeringCallback(selection(llava, per_layer=8), init_scale=1.0)
+    with pytest.raises(RuntimeError, match="failed by the test"):
+        trainer(max_steps=2, callbacks=[callback, FailAt()]).fit(TinyTeacherForcing(llava), train_dataloaders=loader(batch, 2))
+    assert _down_proj_hooks(llava) == 0 and all(p.requires_grad for p in llava.model.parameters())
+    with torch.no_grad():
+        assert torch.equal(llava.forward(batch), base)
+
+
+def test_callback_keeps_the_scales_float32_under_bf16_true(make_image: Callable[..., Image.Image]) -> None:
+    own = wrap_model(*build_tiny_llava(seed=0))  # bf16-true casts the model: not the shared one
+    batch = toy_batch(own, make_image, n=2)
+    callback = NeuronSteeringCallback(selection(own, per_layer=8))
+    module = TinyTeacherForcing(own)
+    trainer(max_steps=2, callbacks=[callback], precision="bf16-true").fit(module, train_dataloaders=loader(batch, 2))
+    assert own.model.dtype == torch.bfloat16
+    assert callback.scaler.s.dtype == torch.float32 and module.neuron_scaler.s is callback.scaler.s
+    assert callback.scaler.s.abs().sum() > 0  # it trained
+
+
+def test_callback_takes_every_bank_form_and_learned_scales(llava: VLMAdapter, tmp_path: Path) -> None:
+    """The forms the masking callback takes; non-integer ids are refused, not truncated; an
+    exported scales file is evaluated with its values, not read as a bank of zeros."""
+    pairs = [(1, 5), (1, 3), (2, 7)]
+    expected = {1: [5, 3], 2: [7]}
+    entries = [BankEntry(layer, neuron, 0.5, k) for k, (layer, neuron) in enumerate(pairs)]
+    bank = write_bank(tmp_path / "bank.json", entries)
+    for form in (pairs, entries, {1: [5, 3], 2: torch.tensor([7])}, {"1": [5, 3], "2": [7]}):
+        got = NeuronSteeringCallback(form).scaler.neurons
+        assert {layer: ids.tolist() for layer, ids in got.items()} == expected, form
+    assert {k: v.tolist() for k, v in NeuronSteeringCallback(bank).scaler.neurons.items()} == {1: [3, 5], 2: [7]}
+    for bad, message in [({1: [3.7]}, r"neurons: layer 1 neuron must be an integer; got 3.7"),
+                         ({1: [True, 5]}, r"must be an integer; got True"),
+                         ({1: [-2]}, r"neuron -2 of layer 1 must be >= 0"),
+                         (tmp_path, r"a directory; give a neuron bank file")]:  # fmt: skip
+        with pytest.raises(BankError, match=message):
+            NeuronSteeringCallback(bad)
+    scaler = NeuronScaler({1: torch.tensor([5, 3]), 2: torch.tensor([7])})
+    with torch.no_grad():
+        scaler.s.copy_(torch.tensor([0.25, -0.5, 1.0]))
+    for name in ("scales.json", "scales.safetensors"):
+        save_scales(scaler, tmp_path / name)
+        loaded = NeuronSteeringCallback(tmp_path / name).scaler
+        assert torch.equal(loaded.s, scaler.s) and {k: v.tolist() for k, v in loaded.neurons.items()} == expected
+        with pytest.raises(BankError, match="a scales file sets s itself"):
+            NeuronSteeringCallback(tmp_path / name, init_scale=1.0)
+
+
 def test_adapter_protocol() -> None:
     class Provider(torch.nn.Module):
         def get_adapter(self) -> str:
@@ -939,3 +1029,65 @@ def test_train_py_fit_resumes_from_its_checkpoint(toy_run: dict[str, Path], tmp_
     other = fit(tmp_path / "other", "--ckpt_path", str(checkpoint), "--trainer.gradient_clip_val", "0.5")
     assert other.returncode == 1 and "was written by a fit with other settings (stored -> now: trainer.gradient_clip_val: 1.0 -> 0.5)" \
         in other.stderr.splitlines()[-1], other.stderr[-2000:]
+
+
+def test_regenerated_data_files_change_the_fit_tag_and_the_rows(toy_run: dict[str, Path], tmp_path: Path) -> None:
+    """A split file rewritten at the same path is another input: a fit's resume tag holds the
+    dev split's digest, each compared method's row the test split's too."""
+    import shutil
+
+    from hones.steering.cli import read_config
+    from hones.steering.compare import Comparison
+    from hones.steering.fingerprint import fit_fingerprint, plain
+
+    world = toy_run["root"] / "world"
+    dev, test = tmp_path / "dev.json", tmp_path / "test.json"
+    shutil.copy(world / "splits" / "dev.json", dev)
+    shutil.copy(world / "splits" / "test.json", test)
+    args = ["--config", str(toy_run["config"]), "--data.split_file", str(dev), "--compare.test_split_file", str(test),
+            "--compare.output_dir", str(tmp_path / "compare")]  # fmt: skip
+
+    def tags() -> tuple[Any, Any]:
+        reader = read_config(args)
+        config = reader.config
+        fit = fit_fingerprint(plain(config.model), plain(config.data), plain(config.trainer), config.get("seed_everything"))
+        return fit, Comparison(reader).method_fingerprint("hones")
+
+    fit, row = tags()
+    assert tags() == (fit, row)
+    test.write_text(json.dumps(json.loads(test.read_text())[1:]))
+    fit_now, row_now = tags()
+    assert fit_now == fit and row_now != row  # the test split: the rows, not the fit
+    dev.write_text(json.dumps(json.loads(dev.read_text())[1:]))
+    assert tags()[0]["data_files"]["split_file"] != fit["data_files"]["split_file"]
+
+
+def test_train_py_names_a_loader_layout_change_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resume onto another process count (a requeue under ``devices: auto``) ends in one line, not a traceback."""
+    import importlib.util
+
+    import hones.steering.cli
+    from hones.data.resumable import LoaderLayoutError
+
+    spec = importlib.util.spec_from_file_location("train_cli", Path(__file__).resolve().parents[1] / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise LoaderLayoutError("ResumableLoader.load_state_dict: the checkpoint's training loader had other processes: 1 -> 2")
+
+    monkeypatch.setattr(hones.steering.cli, "SteeringCLI", refuse)
+    with pytest.raises(SystemExit) as info:
+        train.main(["fit", "--config", "x.yaml"])
+    message = str(info.value.code)
+    assert message.startswith("train.py: ResumableLoader") and "processes: 1 -> 2" in message and "\n" not in message
+    assert "checkpoints/last.ckpt" in message
+
+
+def test_the_same_scales_cannot_scale_a_model_twice(steerable: VLMAdapter) -> None:
+    scaler = NeuronScaler(selection(steerable, per_layer=4))
+    with scale_neurons(steerable, scaler):
+        with pytest.raises(ValueError, match="already scale this model"), apply_scales(steerable, scaler):
+            pass
+    with apply_scales(steerable, scaler):  # released on exit: usable again
+        pass

@@ -62,9 +62,11 @@ def validate_bank(
     seen: set[tuple[int, int]] = set()
     for entry in entries:
         if entry.layer < 0 or (num_layers is not None and entry.layer >= num_layers):
-            raise BankError(f"{source}: layer {entry.layer} out of range [0, {num_layers}) (neuron {entry.neuron})")
+            allowed = f"out of range [0, {num_layers})" if num_layers is not None else "must be >= 0"
+            raise BankError(f"{source}: layer {entry.layer} {allowed} (neuron {entry.neuron})")
         if entry.neuron < 0 or (ffn_width is not None and entry.neuron >= ffn_width):
-            raise BankError(f"{source}: neuron {entry.neuron} of layer {entry.layer} out of range [0, {ffn_width})")
+            allowed = f"out of range [0, {ffn_width})" if ffn_width is not None else "must be >= 0"
+            raise BankError(f"{source}: neuron {entry.neuron} of layer {entry.layer} {allowed}")
         key = (entry.layer, entry.neuron)
         if key in seen:
             raise BankError(f"{source}: duplicate entry layer {entry.layer} neuron {entry.neuron}")

@@ -616,6 +616,9 @@ def run_analysis(
         for run in runs.values():
             run.forget(first)
     barrier()
+    if command == "all":
+        for task in tasks:  # a bad test item stops the run now, not after the discovery stages
+            build_datamodule(config, task, config.test, with_targets=False)
     for run in runs.values():
         if command in ("all", "heads"):
             run.heads()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from hones import io
-from hones.attribution.settings import fingerprint_differences
+from hones.attribution.settings import align_to_stored, fingerprint_differences
 
 STATE_VERSION = 1
 
@@ -99,6 +99,7 @@ class RunState:
         if record is None:
             return False
         stored = record.get("fingerprint")
+        fingerprint = align_to_stored(stored, fingerprint)
         if _compared(stored) != _compared(fingerprint):
             differences = fingerprint_differences(_compared(stored), _compared(fingerprint))
             shown = "; ".join(differences[:6]) + (f"; ... ({len(differences)} in all)" if len(differences) > 6 else "")

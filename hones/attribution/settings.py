@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hones.io import file_digest
+
 if TYPE_CHECKING:
     from hones.data.datamodule import HonesDataModule
 
@@ -287,6 +289,7 @@ def _data_identity(config: AnalyzeConfig) -> dict[str, Any]:
         "image_root": None if data.image_root is None else os.path.normpath(data.image_root),
         "seed": data.seed,
         "lenient": data.lenient,
+        "data_files": {"annotation_file": file_digest(data.annotation_file)},  # a file regenerated at the same path differs
     }
 
 
@@ -295,6 +298,7 @@ def _split_identity(split: SplitSettings, task: str) -> dict[str, Any]:
         "split": split.split,
         "split_file": None if split.split_file is None else os.path.normpath(split.split_file),
         "limit": split.limit,
+        "data_files": {"split_file": file_digest(split.split_file)},
     }
     if task == "retrieval":  # the other tasks' items do not depend on it
         identity["retrieval_negatives"] = split.retrieval_negatives
@@ -370,6 +374,18 @@ def stage_fingerprint(config: AnalyzeConfig, task: str, stage: str, identity: st
         masking = {"metric_mode": config.masking.metric_mode, "max_new_tokens": config.masking.max_new_tokens}
         return {**upstream, "task": task, "method": method, "test": _split_identity(config.test, task), "masking": masking}
     raise ValueError(f"unknown stage {stage!r}")
+
+
+# Fingerprint keys that came in after runs had been recorded: compared only where the stored
+# record has them, so a record made before is reused as it was (the data files' digests).
+RECORDED_SINCE = ("data_files",)
+
+
+def align_to_stored(stored: Any, current: Any) -> Any:
+    """``current`` without the ``RECORDED_SINCE`` keys that ``stored`` lacks, at any depth."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        return {k: align_to_stored(stored.get(k), v) for k, v in current.items() if k in stored or k not in RECORDED_SINCE}
+    return current
 
 
 def fingerprint_differences(stored: Any, current: Any, prefix: str = "") -> list[str]:

@@ -16,7 +16,8 @@ keeps there:
 - ``epoch``: the epoch of a sampler with ``set_epoch`` (Lightning's ``DistributedSampler``
   under DDP, which Lightning sets only after the resumed loader has been iterated);
 - ``items``, ``batch_size``, ``processes``: a resume with other values stops with a
-  ``ValueError`` (the saved position would name other batches).
+  ``LoaderLayoutError`` (the saved position would name other batches), e.g. a job requeued
+  onto a node with another GPU count under ``devices: auto``.
 
 The next pass after ``load_state_dict`` draws the same permutation and skips the batches
 already trained on, by index (no item is loaded for them), or, when the saved epoch had
@@ -41,6 +42,11 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
 STATE_KEYS = ("batches", "epoch_done", "generator", "generator_after", "epoch")
 LAYOUT_KEYS = ("items", "batch_size", "processes")
+
+
+class LoaderLayoutError(ValueError):
+    """A resume whose training loader has other items, batch size or process count than the
+    checkpoint's (one-line message for the command line)."""
 
 
 class ResumableBatchSampler(BatchSampler):
@@ -174,7 +180,7 @@ class ResumableLoader(DataLoader):
         now = self.layout()
         changed = [f"{key}: {state[key]} -> {now[key]}" for key in LAYOUT_KEYS if state[key] != now[key]]
         if changed:
-            raise ValueError(
+            raise LoaderLayoutError(
                 "ResumableLoader.load_state_dict: the checkpoint's training loader had other "
                 f"{', '.join(changed)}; resume with the same data and processes, or remove the checkpoint to start the fit over"
             )

@@ -9,12 +9,15 @@ The module only has to expose its VLM (``adapter`` attribute or ``get_adapter()`
   freezes every other weight, and registers the scaling hooks z <- z * (1 + m * s) for
   the whole stage (training, validation, generation);
 - ``on_fit_start``: makes sure s is optimised (adds a parameter group with ``lr`` to the
-  first optimiser when the module's ``configure_optimizers`` left it out);
+  first optimiser when the module's ``configure_optimizers`` left it out; an error when
+  there is no optimiser, or a scheduler that could not follow the new group) and in
+  float32 (``precision="bf16-true"`` casts it with the module);
 - ``on_train_batch_end``: after each optimiser step clamps s to [-bound, bound]; logs
   ``steer/scale_abs_mean``, ``steer/scale_abs_max``, ``steer/scale_nonzero_frac`` and
   the ``ce`` / ``kl`` / ``l2`` parts the training step returned (``steer/ce`` ...);
 - ``on_fit_end``: writes ``scales.json`` / ``scales.safetensors`` to ``export_dir``;
-- ``teardown``: removes the hooks and restores the ``requires_grad`` flags it changed.
+- ``teardown`` (and ``on_exception``, as Lightning skips ``teardown`` when a stage fails):
+  removes the hooks and restores the ``requires_grad`` flags it changed.
 
 The scaling is active only while the callback is part of a Trainer stage. After the stage the
 scaler stays attached as ``pl_module.neuron_scaler`` (so the module's ``state_dict`` and
@@ -23,9 +26,12 @@ the unscaled model. To evaluate learned scales, pass the callback again (or
 ``NeuronSteeringCallback(pl_module.neuron_scaler)``, or ``load_scales(<exported file>)``) to that Trainer, or wrap
 plain code in ``hones.steering.apply_scales(adapter, scales)``.
 
-The loss stays the module's: return ``callback.objective(self, batch).outputs()`` (or
-``steering_objective(self.adapter, self.neuron_scaler, batch).outputs()``) from
-``training_step`` for the §5 objective.
+The loss stays the module's: return ``callback.objective(self, batch).outputs()`` from
+``training_step`` for the §5 objective (it encodes the batch's ``items`` with targets when the
+batch has no labels; ``steering_objective(self.adapter, self.neuron_scaler, batch)`` needs a
+batch encoded with targets, e.g. ``ensure_targets(self.adapter, batch)``). Optimise
+``filter(lambda p: p.requires_grad, self.parameters())`` with ``weight_decay=0``: §5's only
+penalty on s is the explicit λ·mean(s²).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.core.optimizer import _MockOptimizer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -45,20 +52,23 @@ from hones.attribution.batches import ensure_targets
 from hones.interventions import NeuronScaler, scale_neurons
 from hones.steering.objective import DEFAULT_BETA, DEFAULT_L2_WEIGHT, SteeringLoss, steering_objective
 from hones.steering.protocol import freeze_parameters, resolve_adapter, restore_requires_grad
-from hones.steering.scales import DEFAULT_SCALE_BOUND, NONZERO_THRESHOLD, export_scales, scale_statistics
-from hones.steering.selection import read_neurons, validate_neurons
+from hones.attribution.bank import BankError
+from hones.steering.scales import DEFAULT_SCALE_BOUND, NONZERO_THRESHOLD, export_scales, is_scales_file, load_scales, scale_statistics
+from hones.steering.selection import read_neurons, selection_from, validate_neurons
 
 DEFAULT_LR = 5e-4  # §5: AdamW learning rate
 
-NeuronSource = str | os.PathLike | Mapping[int, Tensor | Sequence[int]] | NeuronScaler
+NeuronSource = str | os.PathLike | Mapping[int, Tensor | Sequence[int]] | Sequence[Any] | NeuronScaler
 
 
 class NeuronSteeringCallback(Callback):
     """Learn one scale per selected neuron of any LightningModule exposing a VLMAdapter.
 
     Args:
-        neurons: a neuron bank JSON path, a selection ``{layer: neuron ids}``, or a ready
-            ``NeuronScaler`` (e.g. learned scales to evaluate).
+        neurons: what to scale: a neuron bank JSON path (either layout), a selection
+            ``{layer: neuron ids}``, a list of ``BankEntry`` or ``(layer, neuron)`` pairs, or
+            learned scales to evaluate: a ``NeuronScaler`` or an exported scales file
+            (``scales.safetensors`` / ``scales.json``, loaded with their values).
         init_scale: initial s (0: no change; 1.0: every neuron x2).
         beta, l2_weight: the §5 loss weights used by :meth:`objective`.
         scale_bound: s is clamped to [-bound, bound] after each optimiser step (§5: 1.5).
@@ -81,16 +91,25 @@ class NeuronSteeringCallback(Callback):
         attribute: str = "neuron_scaler",
     ) -> None:
         super().__init__()
+        if isinstance(neurons, (str, os.PathLike)) and is_scales_file(neurons):
+            if init_scale:
+                raise BankError(f"{os.fspath(neurons)}: a scales file sets s itself; drop init_scale={init_scale}")
+            neurons = load_scales(neurons)  # learned scales (an export): evaluated as they are
         if isinstance(neurons, NeuronScaler):
             self.source = "scaler"
             self.scaler = neurons.float()
         else:
             if isinstance(neurons, (str, os.PathLike)):
                 self.source = str(neurons)
+                if os.path.isdir(neurons):
+                    raise BankError(
+                        f"{neurons}: a directory; give a neuron bank file (e.g. {os.path.join(neurons, 'bank_hones.json')}) "
+                        f"or learned scales ({os.path.join(neurons, 'scales.safetensors')})"
+                    )
                 selection = read_neurons(neurons)  # structure checked now, ranges at setup
             else:
                 self.source = "neurons"
-                selection = validate_neurons(neurons, source=self.source)
+                selection = selection_from(neurons, self.source)
             self.scaler = NeuronScaler(selection, init=init_scale).float()
         self.beta, self.l2_weight = float(beta), float(l2_weight)
         self.scale_bound, self.lr = float(scale_bound), float(lr)
@@ -147,23 +166,30 @@ class NeuronSteeringCallback(Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.detach()
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Lightning skips ``teardown`` when a stage fails: unhook here, so the model is not left
+        scaled and frozen for the code that runs next (a notebook cell, a retry)."""
+        self.detach()
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        optimised = any(
-            parameter is self.scaler.s
-            for optimizer in trainer.optimizers
-            for group in optimizer.param_groups
-            for parameter in group["params"]
-        )
+        name = type(pl_module).__name__
+        optimizers = [opt for opt in trainer.optimizers if not isinstance(opt, _MockOptimizer)]
+        if not optimizers:  # configure_optimizers returned None: Lightning steps a stand-in that trains nothing
+            raise RuntimeError(f"{name} configures no optimiser: nothing trains the neuron scales (return one from configure_optimizers)")
+        optimised = any(parameter is self.scaler.s for opt in optimizers for group in opt.param_groups for parameter in group["params"])
         if not optimised:
-            if not trainer.optimizers:
-                raise RuntimeError(f"{type(pl_module).__name__} configures no optimiser: nothing trains the neuron scales")
-            trainer.optimizers[0].add_param_group({"params": [self.scaler.s], "lr": self.lr, "weight_decay": 0.0})
+            if trainer.lr_scheduler_configs:  # a scheduler keeps one entry per parameter group it was built with
+                raise RuntimeError(
+                    f"the optimiser of {name} does not include the neuron scales and has an LR scheduler, so none can be "
+                    f"added; optimise `filter(lambda p: p.requires_grad, self.parameters())` in configure_optimizers"
+                )
+            optimizers[0].add_param_group({"params": [self.scaler.s], "lr": self.lr, "weight_decay": 0.0})
             rank_zero_warn(
-                f"the optimiser of {type(pl_module).__name__} did not include the neuron scales; added them "
+                f"the optimiser of {name} did not include the neuron scales; added them "
                 f"with lr={self.lr} (optimise `filter(lambda p: p.requires_grad, self.parameters())` instead)"
             )
-        if self.scaler.s.dtype != torch.float32:
-            rank_zero_warn(f"neuron scales are {self.scaler.s.dtype}: small optimiser steps may round away")
+        if self.scaler.s.dtype in (torch.bfloat16, torch.float16):  # e.g. precision="bf16-true" cast the module
+            self.scaler.s.data = self.scaler.s.data.float()  # the same Parameter (the optimiser's); steps of 5e-4 survive
         self._last_step = trainer.global_step
 
     def on_train_batch_end(

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from jsonargparse import lazy_instance
 
 from hones.run_defaults import HonesCLI
-from hones.attribution.settings import fingerprint_differences
+from hones.attribution.settings import align_to_stored, fingerprint_differences
 from hones.steering.fingerprint import fit_fingerprint, jsonable, plain, without
 from hones.steering.resume import FitCheckpoint, ResumeSettingsError
 from hones.steering.methods import GRID_FACTORS, METHOD_NAMES
@@ -126,7 +126,8 @@ class SteeringCLI(HonesCLI):
 
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         tag = fit_fingerprint(plain(config.model), plain(config.data), plain(config.trainer), config.get("seed_everything"))
-        if FitCheckpoint.tag_of(checkpoint) != tag:
+        stored_tag = FitCheckpoint.tag_of(checkpoint)
+        if stored_tag != align_to_stored(stored_tag, tag):
             return
         # the model settings LightningCLI would take from the checkpoint (``_parse_ckpt_path``) must be
         # the given ones: the tag leaves some out (output_dir, stats_threshold)

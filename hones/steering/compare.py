@@ -63,6 +63,7 @@ from hones.steering.fingerprint import (
     UNUSED_DATA_KEYS,
     UNUSED_MODEL_KEYS,
     UNUSED_TRAINER_KEYS,
+    data_files,
     file_digest,
     jsonable,
     normalised_paths,
@@ -163,12 +164,25 @@ class Comparison:
                     "bank_digest": file_digest(model.get("bank")) if steers else None,
                     "scales_digest": file_digest(model.get("scales")) if steers else None,
                     "data": {k: v for k, v in self.data_args.items() if k not in UNUSED_DATA_KEYS},
+                    "data_files": self.data_files(compare),
                     "trainer": trainer,
                     "compare": compare,
                     "seed": self.seed,
                 }
             )
         )
+
+    def data_files(self, compare: dict[str, Any]) -> dict[str, Any]:
+        """Digests of the data files a row depends on: the data section's annotation and split
+        files (the dev split where the method uses it), the test split file and the OOD set's
+        files, as far as ``compare`` (the row's compare settings) names them."""
+        files: dict[str, Any] = {"data": data_files(self.data_args)}
+        for key in ("dev_split_file", "test_split_file"):
+            if key in compare:
+                files[key] = file_digest(compare[key])
+        if compare.get("ood"):
+            files["ood"] = data_files(dict(compare["ood"]))
+        return files
 
     # -- building blocks ------------------------------------------------------------------
     def _load_adapter(self) -> Any:

@@ -10,12 +10,12 @@ changing them keeps a row or a resume.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any
 
 from hones.attribution.settings import model_identity
+from hones.io import file_digest
 
 # Settings no result depends on (left out of every fingerprint) ...
 UNUSED_MODEL_KEYS = ("output_dir", "stats_threshold", "adapter_factory")
@@ -39,6 +39,8 @@ PROCESS_TRAINER_KEYS = ("devices", "num_nodes", "strategy", "sync_batchnorm")
 # ... and what the base model (no steering) does not use either.
 STEERING_MODEL_KEYS = ("bank", "scales", "random_neurons", "init_scale", "scale_bound")
 # Path settings, compared after os.path.normpath ("./a/b" is "a/b").
+# The data files whose contents a result depends on (their digests are part of the fingerprints).
+DATA_FILE_KEYS = ("annotation_file", "split_file")
 PATH_KEYS = ("model", "bank", "scales", "annotation_file", "image_root", "split_file", "cache_dir", "test_split_file", "dev_split_file")
 
 
@@ -67,12 +69,10 @@ def normalised_paths(settings: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def file_digest(path: str | None) -> str | None:
-    """SHA-256 of a file's bytes (None when there is no such file)."""
-    if path is None or not os.path.isfile(path):
-        return None
-    with open(path, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
+def data_files(data: dict[str, Any], keys: tuple[str, ...] = DATA_FILE_KEYS) -> dict[str, str | None]:
+    """Digests of a data section's files (``annotation_file``, ``split_file``): a file regenerated
+    at the same path is another input."""
+    return {key: file_digest(data.get(key)) for key in keys}
 
 
 def without(settings: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -83,7 +83,7 @@ def fit_fingerprint(model: dict[str, Any], data: dict[str, Any], trainer: dict[s
     """The settings one ``train.py fit`` depends on: the ``SteeringModule``, ``HonesDataModule``
     and ``Trainer`` arguments (less ``UNUSED_*``, ``VALIDATION_TRAINER_KEYS`` and the trainer's
     callbacks, which a resume may add or drop: monitors, a stop), digests of the model folder,
-    bank and scales files, and the seed."""
+    bank, scales, annotation and split files, and the seed."""
     model = without(model, UNUSED_MODEL_KEYS)
     steers = model.get("steer", True)
     return jsonable(
@@ -94,6 +94,7 @@ def fit_fingerprint(model: dict[str, Any], data: dict[str, Any], trainer: dict[s
                 "bank_digest": file_digest(model.get("bank")) if steers else None,
                 "scales_digest": file_digest(model.get("scales")) if steers else None,
                 "data": without(data, UNUSED_DATA_KEYS),
+                "data_files": data_files(data),
                 "trainer": without(trainer, (*UNUSED_TRAINER_KEYS, *VALIDATION_TRAINER_KEYS, "callbacks")),
                 "seed": seed,
             }

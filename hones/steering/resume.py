@@ -39,7 +39,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from hones.attribution.settings import fingerprint_differences
+from hones.attribution.settings import align_to_stored, fingerprint_differences
 
 LAST = "last.ckpt"
 TAG_KEY = "hones_fit_tag"  # JSON text of FitCheckpoint.tag
@@ -202,10 +202,11 @@ class FitCheckpoint(Callback):
             rank_zero_warn(f"FitCheckpoint: {trainer.ckpt_path} carries no settings tag; resuming without checking them")
             return
         saved = json.loads(checkpoint[TAG_KEY])
-        if saved is not None and saved != self.tag:
+        tag = align_to_stored(saved, self.tag)
+        if saved is not None and saved != tag:
             raise ResumeSettingsError(
                 f"{trainer.ckpt_path} was written by a fit with other settings (stored -> now: "
-                f"{'; '.join(fingerprint_differences(saved, self.tag))}); "
+                f"{'; '.join(fingerprint_differences(saved, tag))}); "
                 "resume with those settings, or start over without --ckpt_path"
             )
 

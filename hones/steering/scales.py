@@ -152,6 +152,21 @@ def _checked_scales_state(state: dict[str, Tensor], path: Path) -> dict[str, Ten
     return state
 
 
+def is_scales_file(path: str | os.PathLike) -> bool:
+    """True for an exported scales file (``.safetensors``, or JSON rows with a ``scale``), which
+    a neuron bank (JSON rows with ``layer`` / ``neuron`` / ``score``) is not."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix == ".safetensors":
+        return True
+    try:
+        rows = io.read_json(path)
+    except ValueError:  # malformed: left to the bank reader, whose error names the file
+        return False
+    return isinstance(rows, list) and bool(rows) and isinstance(rows[0], dict) and "scale" in rows[0]
+
+
 def load_scales(
     path: str | os.PathLike, num_layers: int | None = None, ffn_width: int | None = None
 ) -> NeuronScaler:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from hones.attribution.bank import BankEntry, BankError, bank_to_layer_dict, read_bank, validate_bank
+from hones.attribution.bank import BankEntry, BankError, as_bank, bank_to_layer_dict, read_bank, validate_bank
 from hones.attribution.baselines import random_selection
 
 Neurons = dict[int, Tensor]
@@ -43,6 +44,22 @@ def validate_neurons(
     """
     validate_bank(entries_from_neurons(neurons), num_layers, ffn_width, source)
     return {int(layer): torch.as_tensor(ids, dtype=torch.long).flatten() for layer, ids in sorted(neurons.items())}
+
+
+def selection_from(neurons: Any, source: str = "neurons") -> Neurons:
+    """A selection from what a user holds: ``{layer: neuron ids}`` (lists or tensors of
+    integers), a list of ``BankEntry`` or ``(layer, neuron)`` pairs; neuron order kept within
+    each layer. Non-integer ids (``3.7``, ``True``) and other forms are a one-line ``BankError``."""
+    if hasattr(neurons, "banks") and not isinstance(neurons, Mapping):  # e.g. a NeuronAttributionCallback
+        raise BankError(
+            f"{source}: got a {type(neurons).__name__}; pass its banks['hones'] once its stage has run, "
+            "or the bank file it wrote (<output_dir>/bank_hones.json)"
+        )
+    entries = as_bank(neurons, source=source)
+    layers: dict[int, list[int]] = {}
+    for entry in entries:
+        layers.setdefault(entry.layer, []).append(entry.neuron)
+    return validate_neurons(layers, source=source)
 
 
 def read_bank_entries(
@@ -85,5 +102,6 @@ __all__ = [
     "random_neurons_like",
     "read_bank_entries",
     "read_neurons",
+    "selection_from",
     "validate_neurons",
 ]
