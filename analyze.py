@@ -93,11 +93,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"analyze.py table: {gap}", file=sys.stderr)
         print(markdown)
         return 0
+    from hones.models.registry import ModelError
+
     if command == "analysis":
         from hones.analysis.run import build_parser as analysis_parser
         from hones.analysis.run import run_from_namespace
 
-        run_from_namespace(analysis_parser(), parsed.analysis)
+        try:
+            run_from_namespace(analysis_parser(), parsed.analysis)
+        except (BankError, DataError, ModelError) as error:  # named, in one line
+            print(f"analyze.py analysis: {error}", file=sys.stderr)
+            return 2
         return 0
 
     from hones.attribution.pipeline import run_analysis
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{command}: {error}")
     try:
         outcomes = run_analysis(config, command)
-    except (AnalysisError, BankError, DataError) as error:
+    except (AnalysisError, BankError, DataError, ModelError) as error:
         print(f"analyze.py {command}: {error}", file=sys.stderr)
         return 2
     pending = [o for o in outcomes if o.status == "pending"]

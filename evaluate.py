@@ -161,12 +161,14 @@ def main(argv: list[str] | None = None) -> EvalCLI:
     from hones.data.datamodule import HonesDataModule
     from hones.evaluation import EvalModule
 
+    from hones.attribution.bank import BankError
     from hones.data.errors import DataError
+    from hones.models.registry import ModelError
 
     try:
         with sigterm_exit_status():  # a SIGTERM stop exits 143, not 0
             cli = EvalCLI(EvalModule, HonesDataModule, args=args, save_config_kwargs={"overwrite": True})
-    except DataError as error:  # bad data: the file, item and field, in one line
+    except (BankError, DataError, ModelError) as error:  # bad data, scales or model folder: named, in one line
         sys.exit(f"evaluate.py: {error}")
     line = _summary(cli.model)
     if line is not None and cli.trainer.is_global_zero:

@@ -118,10 +118,15 @@ def _sorted_metadata(blob: bytes) -> bytes:
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load every tensor of a safetensors file onto the CPU."""
+    """Load every tensor of a safetensors file onto the CPU; a damaged or cut-short file is a
+    one-line ``ValueError`` naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
 
 
 def markdown_table(header: list[str], rows: list[list[Any]], float_format: str = "{:.4f}") -> str:

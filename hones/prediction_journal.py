@@ -29,6 +29,8 @@ import shutil
 from pathlib import Path
 from typing import IO, Any, Sequence
 
+from hones.data.errors import DataError
+
 
 class PredictionJournal:
     """The journal of one evaluation pass in ``directory``, for process ``rank``."""
@@ -87,8 +89,8 @@ class PredictionJournal:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 if number != len(body) + 1:
-                    raise ValueError(
-                        f"{file}: line {number} is not JSON (only the last line may be cut short); remove "
+                    raise DataError(  # the entry points print it in one line
+                        file, f"line {number} is not JSON (only the last line may be cut short); remove "
                         f"{self.directory} to predict the pass again"
                     ) from None
                 self.dropped += 1  # the last line, cut short by a kill

@@ -3,6 +3,8 @@ cross-ablation, logit lens, and the driver's PNG + TensorBoard + JSON/markdown o
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import shutil
 from pathlib import Path
@@ -291,6 +293,21 @@ def test_run_writes_every_figure_and_table(tiny_llava, world: Path, tmp_path: Pa
         evaluation=EvaluationConfig(enabled=False), logit_lens=LogitLensConfig(enabled=False), adapter=adapter,
     )  # fmt: skip
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    # ... and its results: no cross-ablation or lens output of the first run stays beside the second's
+    assert not (out / "tables" / "cross_ablation.json").exists() and not (out / "figures" / "logit_lens_vqa_0.png").exists()
+    assert io.read_json(out / "analysis.json")["tasks"] == ["vqa"]
+    # bad data stops a rerun before anything of the folder's last run is touched
+    from hones.data.errors import DataError
+
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    broken = tmp_path / "broken.json"
+    broken.write_text("[1, 2")
+    with pytest.raises(DataError, match="broken.json"):
+        run_cross_task_analysis(
+            banks=str(root), tasks=["vqa"], data=dataclasses.replace(tiny_data(world), annotation_file=str(broken)),
+            out_dir=str(out), adapter=adapter,
+        )  # fmt: skip
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_missing_bank_names_the_file(tiny_llava, tmp_path: Path) -> None:

@@ -757,6 +757,10 @@ def test_a_bad_test_item_stops_all_before_the_discovery_stages(
     err = capsys.readouterr().err
     assert str(bad["image_id"]) in err and "heads (§2)" not in err
     assert not (tmp_path / "runs" / "tiny" / "vqa" / "state.json").exists()
+    # the way on the error names: the item is skipped, and masking.json counts it
+    assert cli.main([*args, "--data.lenient", "true", "--masking.methods", "[hones]"]) == 0
+    masking = json.loads((tmp_path / "runs" / "tiny" / "vqa" / "masking.json").read_text())
+    assert masking["skipped"] == {"total": 1, "reasons": {"vqa.question: empty question": 1}}, masking.get("skipped")
 
 
 def test_a_regenerated_split_file_is_another_setting(world: Path, tmp_path: Path) -> None:
@@ -772,3 +776,20 @@ def test_a_regenerated_split_file_is_another_setting(world: Path, tmp_path: Path
     split.write_text(json.dumps(json.loads(split.read_text())[1:]))
     assert fingerprint_differences(before, stage_fingerprint(config, "vqa", "mask/hones"))[0].startswith("test.data_files.split_file: ")
     assert stage_fingerprint(config, "vqa", "neurons") == {k: v for k, v in before.items() if k not in ("method", "test", "masking")}
+
+
+def test_a_bank_edited_after_its_stage_is_not_masked(
+    full_run: dict[str, Any], world: Path, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """masking.json must describe the selections the run made: a bank file changed since the
+    neurons stage wrote it stops ``mask`` with one line (the unchanged copy is skipped as done)."""
+    out = tmp_path / "runs"
+    shutil.copytree(full_run["root"], out / "tiny")
+    cli = full_run["cli"]
+    args = cli_args("mask", world, model_dir, out, "--task", "vqa")
+    assert cli.main(args) == 0 and "already done" in capsys.readouterr().err
+    bank = out / "tiny" / "vqa" / "bank_activation.json"
+    bank.write_text(json.dumps({"0": [1, 2], "3": [5]}))
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{bank}: changed since the neurons stage wrote it" in err and "--overwrite" in err

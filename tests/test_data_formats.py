@@ -128,6 +128,10 @@ def test_coco_sample_limit_seed_and_split_file(cache: Path, tmp_path: Path) -> N
     skips = SkipReport()
     assert len(load_coco_unified(COCO_SAMPLE, cache_dir=cache, split_file=split, lenient=True, skips=skips)) == 1
     assert skips.total == 1
+    split.write_text("[]")  # the split file is at fault, not the annotations
+    with pytest.raises(DataError) as info:
+        load_coco_unified(COCO_SAMPLE, cache_dir=cache, split_file=split)
+    assert_one_line(info.value, str(split), "an empty split")
 
 
 @needs_samples
@@ -279,8 +283,8 @@ def test_missing_and_corrupt_images(tmp_path: Path, cache: Path) -> None:
         load_coco_unified(path, images, cache_dir=cache, verify_images=True)
     assert_one_line(info.value, str(images / "2.png"), "cannot decode image")
     with pytest.raises(DataError) as info:
-        load_image(images / "2.png")
-    assert_one_line(info.value, str(images / "2.png"))
+        load_image(images / "2.png")  # found while batching: the message names the load-time check
+    assert_one_line(info.value, str(images / "2.png"), "--data.verify_images true decodes every image at load time")
     with pytest.raises(DataError) as info:
         load_image(images / "3.png")
     assert_one_line(info.value, str(images / "3.png"), "not found")

@@ -157,3 +157,25 @@ def test_bad_data_is_one_line_or_counted_in_the_results(evaluate, tmp_path: Path
     evaluate.main([*args, "--data.lenient", "true"])
     results = json.loads((tmp_path / "out" / "metrics_test.json").read_text())
     assert results["num_items"] == 2 and results["skipped"] == {"total": 1, "reasons": {"vqa.answer: empty answer": 1}}
+
+
+@pytest.mark.parametrize("damage", ["no weights", "cut-short weights", "no config", "malformed config"])
+def test_a_broken_model_folder_is_one_line(evaluate, tmp_path: Path, damage: str) -> None:
+    """A model folder with a missing or damaged file stops the run with one line naming the folder."""
+    from eval_fixtures import eval_args, write_tiny_world
+
+    world = write_tiny_world(tmp_path / "world", n_discovery=1, n_test=2)
+    model_dir = save_tiny_llava(tmp_path / "model")
+    if damage == "no weights":
+        (model_dir / "model.safetensors").unlink()
+    elif damage == "cut-short weights":
+        with open(model_dir / "model.safetensors", "r+b") as handle:
+            handle.truncate(100)
+    elif damage == "no config":
+        (model_dir / "config.json").unlink()
+    else:
+        (model_dir / "config.json").write_text('{"model_type": "llava",')
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(eval_args(model_dir, world, tmp_path / "out", "vqa", 2, tmp_path / "cache"))
+    message = str(stop.value.code)
+    assert message.startswith(f"evaluate.py: {model_dir}: cannot load the model: ") and "\n" not in message, message

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -35,3 +36,23 @@ def test_atomic_writes_leave_shareable_files(tmp_path: Path) -> None:
     path = io.write_json(tmp_path / "out.json", {"a": 1})
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open(path, "w") would make it, not mkstemp's 0600
     assert io.read_json(path) == {"a": 1}
+
+
+def test_damaged_safetensors_and_json_files_are_named(tmp_path: Path) -> None:
+    """A cut-short safetensors file, a scales file or a bank with malformed JSON: one line naming the file."""
+    from hones.attribution.bank import BankError, read_bank
+    from hones.interventions import NeuronScaler
+    from hones.steering.scales import load_scales, save_scales
+
+    path = save_scales(NeuronScaler({0: torch.tensor([1, 2])}), tmp_path / "scales.safetensors")
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(ValueError, match=rf"{path}: not a readable safetensors file"):
+        io.load_tensors(path)
+    with pytest.raises(BankError, match=rf"{path}: not a readable safetensors file"):
+        load_scales(path)
+    for name in ("scales.json", "bank.json"):
+        (tmp_path / name).write_text('[{"layer": 0,')
+    with pytest.raises(BankError, match=r"scales.json: malformed JSON at line 1"):
+        load_scales(tmp_path / "scales.json")
+    with pytest.raises(BankError, match=r"bank.json: malformed JSON at line 1"):
+        read_bank(tmp_path / "bank.json")

@@ -10,8 +10,8 @@ Layout under ``out_dir``::
 
 Figures are ``matplotlib.figure.Figure`` objects built without pyplot, so nothing here
 changes the process's matplotlib backend (PNG rendering goes through Agg). Every file is
-written atomically (``hones.io``); a rerun replaces the previous run's event files so
-TensorBoard shows one run.
+written atomically (``hones.io``); a rerun first removes the previous run's figures, tables,
+``analysis.json`` and event files, so the folder never mixes two runs (TensorBoard shows one).
 """
 
 from __future__ import annotations
@@ -53,6 +53,10 @@ class AnalysisReport:
     def __init__(self, out_dir: str | os.PathLike[str], tensorboard: bool = True) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        # a rerun replaces the folder's results: none of an earlier run stays beside a new (or failed) one
+        stale = [*self.out_dir.glob("figures/*.png"), *self.out_dir.glob("tables/*.json"), *self.out_dir.glob("tables/*.md")]
+        for old in [*stale, self.out_dir / "analysis.json"]:
+            old.unlink(missing_ok=True)
         self.figures: dict[str, str] = {}
         self.tables: dict[str, dict[str, str]] = {}
         self.writer: Any = None

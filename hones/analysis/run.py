@@ -270,6 +270,7 @@ def run_cross_task_analysis(
     paths = bank_paths(banks, tasks, bank_name, bank_files)
     task_banks = load_banks(paths, adapter.num_layers, adapter.ffn_width)
     timings: dict[str, float] = {}
+    modules = {task: split_datamodule(adapter, task, data) for task in tasks}  # bad data stops here, before any output
 
     with AnalysisReport(out, tensorboard=tensorboard) as report:
         # layer preference
@@ -290,7 +291,6 @@ def run_cross_task_analysis(
             plot_jaccard(tasks, jaccard, [len(sets[t]) for t in tasks], f"Jaccard of selected sets · {model_name}"),
         )
 
-        modules = {task: split_datamodule(adapter, task, data) for task in tasks}
         ablation_summary: dict[str, Any] | None = None
         if evaluation.enabled:
             tick = time.perf_counter()
@@ -380,10 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parser.parse_args(list(argv) if argv is not None else None)
     from hones.attribution.bank import BankError
     from hones.data.errors import DataError
+    from hones.models.registry import ModelError
 
     try:
         summary = run_from_namespace(parser, config)
-    except (BankError, DataError) as error:  # bad data or banks: the file, item and field, in one line
+    except (BankError, DataError, ModelError) as error:  # bad data, banks or model folder: named, in one line
         print(f"hones.analysis.run: {error}", file=sys.stderr)
         return 2
     print(f"wrote {len(summary['figures'])} figures and {len(summary['tables'])} tables")

@@ -163,6 +163,8 @@ def read_bank(path: str | os.PathLike, num_layers: int | None = None, ffn_width:
         data = io.read_json(path)
     except FileNotFoundError:
         raise BankError(f"{path}: neuron bank file not found") from None
+    except ValueError as error:  # malformed JSON: hones.io names the file, line and column
+        raise BankError(str(error)) from None
     return validate_bank(parse_bank(data, str(path)), num_layers, ffn_width, str(path))
 
 

@@ -188,6 +188,14 @@ def build_datamodule(
     return module
 
 
+def skipped_on_load(datamodule: Any) -> dict[str, Any]:
+    """``{"skipped": {"total", "reasons"}}`` when lenient loading skipped bad items of ``datamodule``, else ``{}``."""
+    skips = getattr(datamodule, "skips", None)
+    if skips is None or not skips.total:
+        return {}
+    return {"skipped": {"total": int(skips.total), "reasons": dict(skips.reasons.most_common())}}
+
+
 @dataclass
 class StageOutcome:
     """What happened to one stage: ``status`` is "ran", "skipped" (already done) or "pending"."""
@@ -458,6 +466,7 @@ class TaskRun:
             "num_neurons": len(callback.bank),
             "heads": [[l, h] for l, h in callback.result.heads],
             "neurons_per_layer": {name: neurons_per_layer(entries, num_layers).tolist() for name, entries in banks.items()},
+            "bank_digests": {name: io.file_digest(self.run_dir / f"bank_{name}.json") for name in banks},
         }
         self.state.mark_done("neurons", fingerprint, info)
         self.save_state()
@@ -476,7 +485,8 @@ class TaskRun:
         if is_global_zero():
             write_bank(self.run_dir / "bank_ape.json", banks[self.task])
         barrier()
-        self.state.mark_done("ape", fingerprint, {"num_neurons": len(banks[self.task])})
+        digest = io.file_digest(self.run_dir / "bank_ape.json")
+        self.state.mark_done("ape", fingerprint, {"num_neurons": len(banks[self.task]), "bank_digests": {"ape": digest}})
         self.save_state()
         self.note("ape", "ran", f"{len(banks[self.task])} neurons")
 
@@ -487,6 +497,7 @@ class TaskRun:
             raise AnalysisError(f"{self.run_dir}: the neurons stage has not run; run `analyze.py neurons` (or `all`) first")
         pending: list[str] = []
         for method in methods:
+            self.check_bank_unchanged(method)
             if self.state.is_done(f"mask/{method}", self.fingerprint(f"mask/{method}")):
                 continue
             if method == "ape" and self.state.record("ape") is None:
@@ -501,6 +512,20 @@ class TaskRun:
         if pending:
             self._mask_pass(pending)
         self.write_masking(log=bool(pending))
+
+    def check_bank_unchanged(self, method: str) -> None:
+        """``AnalysisError`` when ``bank_<method>.json`` is not the file its stage wrote (edited or
+        replaced since): masking it would report a selection the run did not make. Records made
+        before the digests were kept are not checked."""
+        record = self.state.record("ape" if method == "ape" else "neurons") or {}
+        recorded = record.get("info", {}).get("bank_digests", {}).get(method)
+        path = self.run_dir / f"bank_{method}.json"
+        if recorded is not None and path.is_file() and io.file_digest(path) != recorded:
+            stage = "APE" if method == "ape" else "neurons"
+            raise AnalysisError(
+                f"{path}: changed since the {stage} stage wrote it; restore it, or recompute the banks with "
+                f"`analyze.py neurons --overwrite` (to mask a selection of your own: scripts/, TaskRun.mask_test_split)"
+            )
 
     def _mask_pass(self, methods: Sequence[str]) -> None:
         settings = self.config.masking
@@ -520,7 +545,7 @@ class TaskRun:
         results = callback.results
         for method in methods:
             row = masking_row(results["base"], results["banks"][method]["masked"], results["banks"][method]["num_neurons"])
-            info = {**row, "metric": results["metric"], "num_items": len(datamodule.items)}
+            info = {**row, "metric": results["metric"], "num_items": len(datamodule.items), **skipped_on_load(datamodule)}
             self.state.mark_done(f"mask/{method}", self.fingerprint(f"mask/{method}"), info)
         self.save_state()
         self.note("mask", "ran", ", ".join(f"{m} {results['banks'][m]['masked']:.4f}" for m in methods) + f" (base {results['base']:.4f})")
@@ -528,13 +553,14 @@ class TaskRun:
     def masking_report(self) -> dict[str, Any] | None:
         """``masking.json``'s content from the finished mask stages (None when there is none)."""
         rows: dict[str, Any] = {}
-        metric, num_items = "", 0
+        metric, num_items, skipped = "", 0, None
         for method in self.config.masking.methods:
             record = self.state.record(f"mask/{method}")
             if record is None:
                 continue
             info = dict(record["info"])
             metric, num_items = info.pop("metric", metric), info.pop("num_items", num_items)
+            skipped = info.pop("skipped", skipped)
             rows[method] = info
         if not rows:
             return None
@@ -544,6 +570,7 @@ class TaskRun:
             "metric": metric,
             "metric_mode": self.config.masking.metric_mode,
             "num_items": num_items,
+            **({"skipped": skipped} if skipped else {}),  # bad test items skipped by lenient loading
             "methods": rows,
         }
 

@@ -271,9 +271,11 @@ class AnalyzeConfig:
             raise ValueError("heads.retrieval_negatives must be >= 0 or null")
         if self.checkpoint_every_n_batches < 0:
             raise ValueError("checkpoint_every_n_batches must be >= 0")
-        for split in (self.discovery, self.test):
+        for name, split in (("discovery", self.discovery), ("test", self.test)):
             if split.retrieval_negatives < 0:
-                raise ValueError(f"{split.split}.retrieval_negatives must be >= 0")
+                raise ValueError(f"{name}.retrieval_negatives must be >= 0")
+            if split.limit is not None and split.limit < 1:
+                raise ValueError(f"{name}.limit must be >= 1 or null (the whole split); got {split.limit}")
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting as JSON-able data (recorded in ``state.json``)."""

@@ -175,6 +175,8 @@ class HonesDataModule(LightningDataModule):
             raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
         if source_split is not None and dataset != "flickr30k":
             raise ValueError("source_split applies to flickr30k only")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1 or null (the whole split); got {limit}")
         if toy_world is not None and "dir" not in toy_world:
             raise ValueError("toy_world needs a 'dir' entry (the toy world folder), e.g. {dir: toyworld_data}")
         self.save_hyperparameters()

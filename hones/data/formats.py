@@ -394,6 +394,10 @@ def _collect(
             report.add(err, reason=None if err.field == "ocr.bbox" else "image: missing or unreadable")
             continue
         chosen.append(entry)
+    if not chosen and split_ids is not None and not split_ids:
+        raise DataError(split_file, "an empty split: the list holds no image id")
+    if not chosen and split_ids is not None and not parsed and not report.total:
+        raise DataError(split_file, f"none of its {len(split_ids)} image id(s) has an item of this task in {path}")
     if not chosen:
         raise DataError(path, f"no usable items ({report.summary()})")
     report.log()

@@ -144,7 +144,13 @@ def _resolve(image: Image.Image | str | os.PathLike[str], uid: str | None) -> Im
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, (str, Path, os.PathLike)):
-        return open_image(image, item=uid)
+        from hones.data.errors import DataError
+
+        try:
+            return open_image(image, item=uid)
+        except DataError as error:  # found while batching: loading checked the file's presence only
+            hint = "; --data.verify_images true decodes every image at load time (with --data.lenient true, skipping and counting bad ones)"
+            raise DataError(error.file, error.problem + hint, error.item, error.field) from None
     raise TypeError(f"cannot load an image from {type(image).__name__}")
 
 

@@ -4,6 +4,8 @@ from hones.models.base import IGNORE_INDEX, VLMAdapter
 from hones.models.llava import LlavaAdapter
 from hones.models.qwen2_5_vl import Qwen2_5_VLAdapter, Qwen2_5_VLImageTextProcessor
 from hones.models.registry import (
+    ModelError,
+    ModelNotFoundError,
     check_local_model,
     load_adapter,
     load_module_adapter,
@@ -16,6 +18,8 @@ from hones.models.tiny import build_tiny_llava, build_tiny_qwen2_5_vl, save_pret
 
 __all__ = [
     "IGNORE_INDEX",
+    "ModelError",
+    "ModelNotFoundError",
     "LlavaAdapter",
     "Qwen2_5_VLAdapter",
     "Qwen2_5_VLImageTextProcessor",

@@ -58,6 +58,20 @@ def supported_model_types() -> list[str]:
     return sorted(_ADAPTERS)
 
 
+class ModelError(ValueError):
+    """A model folder or hub id that cannot be loaded (one-line message naming it; the entry
+    points print it without a traceback)."""
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """A local model directory that does not exist."""
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text if len(text) <= 400 else text[:400] + " ..."
+
+
 def adapter_class(model_type: str) -> type[VLMAdapter]:
     """The adapter class for `model_type`; a one-line ValueError when there is none."""
     _discover_adapters()
@@ -106,19 +120,28 @@ def load_adapter(
 
     Reads the config first (respecting HF_HUB_OFFLINE), dispatches on `config.model_type`.
     `dtype` is "fp32" | "bf16" | "fp16"; with `device_map` (e.g. "auto") accelerate places
-    the model and `device` is ignored.
+    the model and `device` is ignored. A folder or id that cannot be loaded (no or a malformed
+    config, an unsupported architecture, missing or damaged weights or tokenizer) is a one-line
+    ``ModelError`` naming it.
     """
-    config = AutoConfig.from_pretrained(str(path_or_hub_id), trust_remote_code=trust_remote_code)
-    cls = adapter_class(config.model_type)
-    return cls.from_pretrained(
-        str(path_or_hub_id),
-        dtype=dtype,
-        device=device,
-        device_map=device_map,
-        trust_remote_code=trust_remote_code,
-        config=config,
-        attn_implementation=attn_implementation,
-    )
+    from safetensors import SafetensorError
+
+    try:
+        config = AutoConfig.from_pretrained(str(path_or_hub_id), trust_remote_code=trust_remote_code)
+        cls = adapter_class(config.model_type)
+        return cls.from_pretrained(
+            str(path_or_hub_id),
+            dtype=dtype,
+            device=device,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            config=config,
+            attn_implementation=attn_implementation,
+        )
+    except ModelError:
+        raise
+    except (OSError, ValueError, SafetensorError) as error:  # transformers' messages name the missing piece
+        raise ModelError(f"{path_or_hub_id}: cannot load the model: {_one_line(error)}") from error
 
 
 def check_local_model(model: str) -> None:
@@ -126,7 +149,7 @@ def check_local_model(model: str) -> None:
     path = Path(model)
     local = path.is_absolute() or (bool(path.parts) and path.parts[0] in (".", "..", "models"))
     if local and not path.is_dir():
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"{model}: no such model directory. The toy models are built with "
             "`python -m hones.training.toy_models fit --config configs/toy/pretrain/<llava|qwen2_5_vl>.yaml`; "
             "or pass --model.model <directory or hub id>"

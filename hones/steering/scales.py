@@ -176,9 +176,17 @@ def load_scales(
     if not path.is_file():
         raise BankError(f"{path}: scales file not found")
     if path.suffix == ".json":
-        scaler = scaler_from_rows(io.read_json(path), str(path))
+        try:
+            rows = io.read_json(path)
+        except ValueError as error:  # malformed JSON (named)
+            raise BankError(str(error)) from None
+        scaler = scaler_from_rows(rows, str(path))
     elif path.suffix == ".safetensors":
-        state = _checked_scales_state(io.load_tensors(path), path)
+        try:
+            tensors = io.load_tensors(path)
+        except ValueError as error:  # damaged or cut short (named)
+            raise BankError(str(error)) from None
+        state = _checked_scales_state(tensors, path)
         with float32_default():
             scaler = NeuronScaler.from_state_dict(state)
     else:
