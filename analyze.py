@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"analyze.py table: {gap}", file=sys.stderr)
         print(markdown)
         return 0
+    from hones.io import OutputError
     from hones.models.registry import ModelError
 
     if command == "analysis":
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             run_from_namespace(analysis_parser(), parsed.analysis)
-        except (BankError, DataError, ModelError) as error:  # named, in one line
+        except (BankError, DataError, ModelError, OutputError) as error:  # named, in one line
             print(f"analyze.py analysis: {error}", file=sys.stderr)
             return 2
         return 0
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{command}: {error}")
     try:
         outcomes = run_analysis(config, command)
-    except (AnalysisError, BankError, DataError, ModelError) as error:
+    except (AnalysisError, BankError, DataError, ModelError, OutputError) as error:
         print(f"analyze.py {command}: {error}", file=sys.stderr)
         return 2
     pending = [o for o in outcomes if o.status == "pending"]

@@ -91,7 +91,8 @@ class EvalCLI(HonesCLI):
     @staticmethod
     def _match_launcher(trainer: Namespace, devices: int, num_nodes: int) -> None:
         """Set ``devices`` / ``num_nodes`` to torchrun's when the config's product differs from its world size."""
-        configured = trainer.devices if isinstance(trainer.devices, int) else None
+        devices_set = str(trainer.devices)  # Lightning's type is int | str | list: "--trainer.devices 1" parses as "1"
+        configured = int(devices_set) if devices_set.isdigit() else None
         if configured is not None and configured * int(trainer.num_nodes) == devices * num_nodes:
             return
         if os.environ.get("RANK", "0") == "0":
@@ -163,12 +164,13 @@ def main(argv: list[str] | None = None) -> EvalCLI:
 
     from hones.attribution.bank import BankError
     from hones.data.errors import DataError
+    from hones.io import OutputError
     from hones.models.registry import ModelError
 
     try:
         with sigterm_exit_status():  # a SIGTERM stop exits 143, not 0
             cli = EvalCLI(EvalModule, HonesDataModule, args=args, save_config_kwargs={"overwrite": True})
-    except (BankError, DataError, ModelError) as error:  # bad data, scales or model folder: named, in one line
+    except (BankError, DataError, ModelError, OutputError) as error:  # bad data, scales, model or output folder: one line
         sys.exit(f"evaluate.py: {error}")
     line = _summary(cli.model)
     if line is not None and cli.trainer.is_global_zero:

@@ -77,10 +77,11 @@ def main() -> None:
         print(f"HeapTrim {setting}: {args.config}, retrieval, {args.images} images, HONES + {args.draws} draws", flush=True)
         command = [sys.executable, __file__, "--worker", setting, "--config", args.config, "--images", str(args.images),
                    "--draws", str(args.draws), "--every", str(args.every)]  # fmt: skip
-        done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         print(done.stdout, end="", flush=True)
         if done.returncode != 0:
-            sys.exit(f"heap_growth.py: the '{setting}' worker failed (rc {done.returncode})")
+            last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no error output"
+            sys.exit(f"heap_growth.py: the '{setting}' worker failed (rc {done.returncode}): {last}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from torch import nn
 from lightning.pytorch.trainer.states import TrainerFn
 
 from hones import io
+from hones.choices import METRIC_MODES, TASKS, DType, MetricMode, Task
 from hones.adapter_host import AdapterHost, trainer_datamodule
 from hones.attribution.settings import model_identity
 from hones.steering.fingerprint import UNUSED_DATA_KEYS, UNUSED_MODEL_KEYS, data_files, without
@@ -42,8 +43,6 @@ from hones.metrics import build_metric, group_ids, postprocess_generation
 from hones.prediction_journal import PredictionJournal
 from hones.run_defaults import stage_loaders
 
-TASKS = ("vqa", "ocr", "caption", "retrieval")
-METRIC_MODES = ("paper", "official")
 
 
 def retrieval_margin(adapter: Any, batch: dict[str, Any]) -> torch.Tensor:
@@ -301,9 +300,9 @@ class EvalModule(AdapterHost, EpochScoring, L.LightningModule):
     def __init__(
         self,
         model: str = "models/toy-llava",
-        task: str = "vqa",
-        metric_mode: str = "paper",
-        dtype: str = "fp32",
+        task: Task = "vqa",
+        metric_mode: MetricMode = "paper",
+        dtype: DType = "fp32",
         max_new_tokens: int = 24,
         output_dir: str | None = None,
         trust_remote_code: bool = False,

@@ -70,6 +70,23 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
 
 
+class OutputError(ValueError):
+    """An output folder that cannot be created or written (one line naming it)."""
+
+
+def make_output_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` (and its parents) and check that files can be written in it, before a
+    long run whose results would otherwise be lost at the first write; ``OutputError`` if not."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_check_"):
+            pass
+    except OSError as error:
+        raise OutputError(f"{path}: cannot write results there ({error.strerror or error})") from None
+    return path
+
+
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 

@@ -37,6 +37,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from hones.choices import METRIC_MODES, TASKS
 from hones.text_normalization import (
     levenshtein,
     normalize_anls_official,
@@ -69,8 +70,7 @@ __all__ = [
 ]
 
 Mode = Literal["paper", "official"]
-MODES: tuple[str, ...] = ("paper", "official")
-TASKS: tuple[str, ...] = ("vqa", "ocr", "caption", "retrieval")
+MODES: tuple[str, ...] = METRIC_MODES
 
 KeepMask = Sequence[bool] | Tensor | None
 

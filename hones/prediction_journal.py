@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any, Sequence
 
 from hones.data.errors import DataError
+from hones.io import make_output_dir
 
 
 class PredictionJournal:
@@ -60,7 +61,7 @@ class PredictionJournal:
                 self.rows[str(row["uid"])] = row
             if file == self.path:
                 own = rows
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_output_dir(self.directory)  # OutputError (one line) where the run folder cannot be written
         # rewritten whole (identity and the rows kept), so that a partial last line is not followed by new ones
         partial = self.path.with_name(f".{self.path.name}.partial")
         with open(partial, "w", encoding="utf-8") as handle:

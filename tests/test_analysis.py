@@ -28,7 +28,7 @@ from hones.analysis.run import (
     run_cross_task_analysis,
     split_datamodule,
 )
-from hones.attribution.bank import BankEntry, write_bank
+from hones.attribution.bank import BankEntry, BankError, write_bank
 from hones.data.toyworld import ToyWorldConfig, generate_world
 from hones.models import save_pretrained
 
@@ -311,7 +311,7 @@ def test_run_writes_every_figure_and_table(tiny_llava, world: Path, tmp_path: Pa
 
 
 def test_missing_bank_names_the_file(tiny_llava, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="vqa/bank_hones.json"):
+    with pytest.raises(BankError, match="vqa/bank_hones.json"):
         run_cross_task_analysis(banks=str(tmp_path), tasks=["vqa"], out_dir=str(tmp_path / "o"), adapter=tiny_llava)
 
 

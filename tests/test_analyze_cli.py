@@ -185,6 +185,9 @@ def test_table_collects_the_four_tasks(full_run: dict[str, Any], capsys: pytest.
         assert row["average"] == (pytest.approx(sum(values) / len(values)) if values else None)
     assert "| HONES |" in printed and "average" in printed
     assert (full_run["root"] / "masking_table.md").read_text() in printed + "\n"
+    # the output root instead of a model's folder: the message names the model folders there
+    assert full_run["cli"].main(["table", "--runs", str(full_run["out"])]) == 2
+    assert f"holds the runs of tiny; give one, e.g. --runs {full_run['root']}" in capsys.readouterr().err
 
 
 def test_changed_settings_are_an_error_and_overwrite_recomputes(
@@ -663,6 +666,12 @@ def test_teacher_forced_masking_script(
     assert "random draws: score drop" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         script.main([*args, "--draws", "-1"])
+    # other settings than the run's: the way on is the run's settings or analyze.py, not a flag the script lacks
+    assert script.main([*args, "--heads.top_k", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "heads.top_k" in err and "give this script the run's settings" in err and "rerun with --overwrite" not in err
+    with pytest.raises(SystemExit):
+        script.main([*args, "--overwrite", "true"])
 
 
 def test_ffn_dependence_script(
@@ -793,3 +802,14 @@ def test_a_bank_edited_after_its_stage_is_not_masked(
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert f"{bank}: changed since the neurons stage wrote it" in err and "--overwrite" in err
+
+
+def test_an_output_root_that_cannot_be_written_stops_the_run_first(
+    world: Path, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No pass runs whose results could not be kept."""
+    taken = tmp_path / "runs"
+    taken.write_text("a file, not a folder")
+    assert load_cli().main(cli_args("all", world, model_dir, taken, "--task", "vqa")) == 2
+    err = capsys.readouterr().err
+    assert f"{taken / 'tiny' / 'vqa'}: cannot write results there" in err and "heads (§2)" not in err

@@ -91,6 +91,17 @@ def test_launcher_topology(evaluate) -> None:
     assert evaluate.launcher_topology({**env, "WORLD_SIZE": "6"}) is None
 
 
+@pytest.mark.parametrize("devices, quiet", [(1, True), ("1", True), ("auto", False), (2, False)])
+def test_match_launcher_keeps_a_matching_config_quietly(evaluate, capsys: pytest.CaptureFixture[str], devices: object, quiet: bool) -> None:
+    """``--trainer.devices 1`` parses as the string "1": it matches a 1-process-per-node torchrun too."""
+    from jsonargparse import Namespace
+
+    trainer = Namespace(devices=devices, num_nodes=2)
+    evaluate.EvalCLI._match_launcher(trainer, 1, 2)
+    assert (trainer.devices, trainer.num_nodes) in ((1, 2), ("1", 2))
+    assert ("launched by torchrun" not in capsys.readouterr().err) == quiet
+
+
 def test_default_subcommand(evaluate) -> None:
     assert evaluate.with_default_subcommand(["--config", "x.yaml"]) == ["test", "--config", "x.yaml"]
     assert evaluate.with_default_subcommand(["validate", "--config", "x.yaml"]) == ["validate", "--config", "x.yaml"]

@@ -56,3 +56,11 @@ def test_damaged_safetensors_and_json_files_are_named(tmp_path: Path) -> None:
         load_scales(tmp_path / "scales.json")
     with pytest.raises(BankError, match=r"bank.json: malformed JSON at line 1"):
         read_bank(tmp_path / "bank.json")
+
+
+def test_an_output_folder_that_cannot_be_written_is_named(tmp_path: Path) -> None:
+    taken = tmp_path / "a_file"
+    taken.write_text("x")
+    with pytest.raises(io.OutputError, match=rf"{taken / 'runs'}: cannot write results there"):
+        io.make_output_dir(taken / "runs")
+    assert io.make_output_dir(tmp_path / "new" / "runs").is_dir() and not list((tmp_path / "new" / "runs").iterdir())

@@ -1091,3 +1091,17 @@ def test_the_same_scales_cannot_scale_a_model_twice(steerable: VLMAdapter) -> No
             pass
     with apply_scales(steerable, scaler):  # released on exit: usable again
         pass
+
+
+def test_train_py_fit_checks_its_output_folder_before_training(toy_run: dict[str, Path], tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_cli_out", Path(__file__).resolve().parents[1] / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    with pytest.raises(SystemExit) as info:
+        train.main(["fit", "--config", str(toy_run["config"]), *FAST_TRAINER, "--model.output_dir", str(taken / "fit")])
+    message = str(info.value.code)
+    assert message == f"train.py: {taken / 'fit' / 'checkpoints'}: cannot write results there (Not a directory)", message

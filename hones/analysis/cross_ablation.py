@@ -15,13 +15,14 @@ DataLoader can be passed as it is. Single process: for multi-GPU masking of one 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor
+from tqdm import tqdm
 
 from hones import io
 from hones.analysis.overlap import OverlapGroup
@@ -51,6 +52,7 @@ def masked_metrics(
     metric_mode: str = "paper",
     max_new_tokens: int = 24,
     rows_out: dict[str, list[dict[str, Any]]] | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, float], int]:
     """The task metric of the model as it is (``"base"``) and under each mask.
 
@@ -59,6 +61,7 @@ def masked_metrics(
     masks: name -> {layer: LongTensor of neuron ids}; an empty dict masks nothing.
     rows_out: if given, filled with name -> the per-item rows of ``TaskScorer.predict``
         (predictions, or retrieval margins) for inspection.
+    progress: a progress bar over the batches (stderr).
     Returns ({"base": P, name: P_masked, ...}, number of items scored).
     """
     if "base" in masks:
@@ -66,7 +69,8 @@ def masked_metrics(
     scorer = TaskScorer(task, max_new_tokens)
     metrics = {name: build_metric(task, metric_mode) for name in ("base", *masks)}
     num_items = 0
-    for batch in batches:
+    total = len(batches) if isinstance(batches, Sized) else None
+    for batch in tqdm(batches, desc=f"{task}: base + {len(masks)} masks", total=total, unit="batch", disable=not progress, leave=False):
         batch = ensure_prompt_only(adapter, batch)
         num_items += int(batch["input_ids"].shape[0])
         for name in metrics:
@@ -137,6 +141,7 @@ def cross_ablation(
     metric_mode: str = "paper",
     max_new_tokens: int = 24,
     skip_empty: bool = True,
+    progress: bool = True,
 ) -> CrossAblation:
     """Mask each group and measure every task's relative drop (see the module docstring).
 
@@ -151,7 +156,9 @@ def cross_ablation(
     masked = torch.zeros(len(groups), len(tasks), dtype=torch.float64)
     num_items: dict[str, int] = {}
     for t, task in enumerate(tasks):
-        values, num_items[task] = masked_metrics(adapter, batches_by_task[task], task, masks, metric_mode, max_new_tokens)
+        values, num_items[task] = masked_metrics(
+            adapter, batches_by_task[task], task, masks, metric_mode, max_new_tokens, progress=progress
+        )
         base[t] = values["base"]
         for g, group in enumerate(groups):
             masked[g, t] = values.get(group.name, values["base"])

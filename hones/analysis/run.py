@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from hones import io
+from hones.choices import TASKS, DType, MetricMode
 from hones.analysis.cross_ablation import cross_ablation, plot_cross_ablation
 from hones.analysis.layer_preference import layer_counts, layer_counts_table, plot_layer_preference
 from hones.analysis.logit_lens import lens_rows, plot_logit_lens, token_label, top_delta_tokens
@@ -50,12 +51,11 @@ from hones.analysis.overlap import (
     plot_overlap_groups,
 )
 from hones.analysis.report import AnalysisReport
-from hones.attribution.bank import BankEntry, bank_to_layer_dict, read_bank
+from hones.attribution.bank import BankEntry, BankError, bank_to_layer_dict, read_bank
 from hones.attribution.settings import make_datamodule
 
 logger = logging.getLogger("hones.analysis")
 
-TASKS = ("vqa", "ocr", "caption", "retrieval")
 LENS_MASKS = ("bank", "specific")
 
 
@@ -93,7 +93,7 @@ class EvaluationConfig:
     """
 
     enabled: bool = True
-    metric_mode: str = "paper"
+    metric_mode: MetricMode = "paper"
     max_new_tokens: int = 24
     skip_empty_groups: bool = True
 
@@ -124,10 +124,10 @@ def bank_paths(
         elif banks is not None:
             paths[task] = Path(banks) / task / f"bank_{bank_name}.json"
         else:
-            raise ValueError(f"no bank for task {task!r}: give `banks` (a run root) or `bank_files`")
+            raise BankError(f"no bank for task {task!r}: give `banks` (a run root) or `bank_files`")
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"neuron bank(s) not found: {', '.join(missing)} (run `analyze.py` for these tasks first)")
+        raise BankError(f"neuron bank(s) not found: {', '.join(missing)} (run `analyze.py` for these tasks first)")
     return paths
 
 
@@ -230,7 +230,7 @@ def run_cross_task_analysis(
     bank_files: dict[str, str] | None = None,
     evaluation: EvaluationConfig = EvaluationConfig(),
     logit_lens: LogitLensConfig = LogitLensConfig(),
-    dtype: str = "fp32",
+    dtype: DType = "fp32",
     device: str = "cpu",
     tensorboard: bool = True,
     adapter: Any = None,
@@ -266,7 +266,7 @@ def run_cross_task_analysis(
         adapter = load_adapter(model, dtype=dtype, device=device)
     adapter.model.eval()
     model_name = adapter.name or Path(model).name
-    out = Path(out_dir) if out_dir is not None else Path("runs/analysis") / model_name
+    out = io.make_output_dir(Path(out_dir) if out_dir is not None else Path("runs/analysis") / model_name)
     paths = bank_paths(banks, tasks, bank_name, bank_files)
     task_banks = load_banks(paths, adapter.num_layers, adapter.ffn_width)
     timings: dict[str, float] = {}
@@ -378,13 +378,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     parser = build_parser()
     config = parser.parse_args(list(argv) if argv is not None else None)
-    from hones.attribution.bank import BankError
     from hones.data.errors import DataError
     from hones.models.registry import ModelError
 
     try:
         summary = run_from_namespace(parser, config)
-    except (BankError, DataError, ModelError) as error:  # bad data, banks or model folder: named, in one line
+    except (BankError, DataError, ModelError, io.OutputError) as error:  # bad data, banks or model folder: named, in one line
         print(f"hones.analysis.run: {error}", file=sys.stderr)
         return 2
     print(f"wrote {len(summary['figures'])} figures and {len(summary['tables'])} tables")

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
 
 from hones.attribution.batches import batch_size, ensure_prompt_only, ensure_targets
+from hones.choices import UTILITIES
 from hones.attribution.rerun import (
     base_hidden_states,
     capture_layer_inputs,
@@ -44,7 +45,6 @@ from hones.attribution.stats import HeadUtilityAccumulator
 from hones.interventions import mean_replace_heads
 
 Head = tuple[int, int]
-UTILITIES = ("teacher_forced", "metric")
 # HONES_METHOD §2: |H*| for the paper's 7B models
 DEFAULT_TOP_K = {"llava": 30, "qwen2_5_vl": 25}
 

@@ -103,12 +103,13 @@ class AttributionModule(AdapterHost, L.LightningModule):
 # -- helpers ----------------------------------------------------------------------------------
 def run_script_parser(prog: str, description: str) -> Any:
     """The ``jsonargparse`` parser of a script that works on one analyze run: ``--config``
-    (an analyze YAML) and every ``AnalyzeConfig`` field, as ``analyze.py`` takes them."""
+    (an analyze YAML) and every ``AnalyzeConfig`` field, as ``analyze.py`` takes them, less
+    ``overwrite`` (a script reads a finished run; ``analyze.py`` recomputes one)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", action=ActionConfigFile, help="the analyze YAML config of the run (configs/analyze/*.yaml)")
-    parser.add_class_arguments(AnalyzeConfig, None, fail_untyped=True)
+    parser.add_class_arguments(AnalyzeConfig, None, fail_untyped=True, skip={"overwrite"})
     return parser
 
 
@@ -133,7 +134,9 @@ def single_task_run(parser: Any, parsed: Any) -> TaskRun:
     if len(tasks) != 1:
         parser.error(f"give one task with --task (the config lists {', '.join(tasks)})")
     module = AttributionModule(config.model, config.dtype, config.trust_remote_code)
-    return TaskRun(config, tasks[0], module, identity=model_identity(config.model))
+    run = TaskRun(config, tasks[0], module, identity=model_identity(config.model))
+    run.state.remedy = "give this script the run's settings, or recompute the run with these (`analyze.py all ... --overwrite true`)"
+    return run
 
 
 def is_global_zero() -> bool:
@@ -637,6 +640,9 @@ def run_analysis(
     identity = model_identity(config.model)
     module = AttributionModule(config.model, config.dtype, config.trust_remote_code, adapter_factory)
     module.configure_model()
+    if is_global_zero():
+        for task in tasks:  # a folder that cannot be written stops the run now, not after its first pass
+            io.make_output_dir(config.run_dir(task))
     runs = {task: TaskRun(config, task, module, extra_callbacks, identity) for task in tasks}
     if config.overwrite:
         first = {"all": ["heads"], "heads": ["heads"], "neurons": ["neurons"], "mask": ["mask/", "ape"]}[command]

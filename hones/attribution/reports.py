@@ -99,6 +99,9 @@ def collect_masking(runs_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
         raise FileNotFoundError(f"{root}: no such run folder (expected <output_root>/<model_name>)")
     found = {task: io.read_json(root / task / "masking.json") for task in TASKS if (root / task / "masking.json").is_file()}
     if not found:
+        models = sorted(p.parent.parent.name for p in root.glob("*/*/masking.json") if p.parent.name in TASKS)
+        if models:  # the output root, not one model's folder
+            raise FileNotFoundError(f"{root}: holds the runs of {', '.join(sorted(set(models)))}; give one, e.g. --runs {root / models[0]}")
         raise FileNotFoundError(f"{root}: no <task>/masking.json below it; run `analyze.py all` first")
     return found
 

@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hones.choices import TASKS, DType, MetricMode, Utility
 from hones.io import file_digest
 
 if TYPE_CHECKING:
     from hones.data.datamodule import HonesDataModule
 
-TASKS = ("vqa", "ocr", "caption", "retrieval")
 # neuron selections compared by masking (§4): HONES, the baselines, and the AP/MA/APE selections
 METHODS = ("hones", "random", "activation", "write_in", "grad_x_act", "ap", "ma", "ape")
 STAGES = ("heads", "neurons", "ape", "mask")
@@ -126,11 +126,11 @@ class HeadSettings:
             layers ≥ l only).
     """
 
-    utility: str = "teacher_forced"
+    utility: Utility = "teacher_forced"
     top_k: int | None = None
-    compare_utility: str | None = None
+    compare_utility: Utility | None = None
     retrieval_negatives: int | None = None
-    metric_mode: str = "paper"
+    metric_mode: MetricMode = "paper"
     max_new_tokens: int = 24
     rows_per_forward: int = 64
     rerun: bool = True
@@ -167,7 +167,7 @@ class MaskingSettings:
     """
 
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    metric_mode: str = "paper"
+    metric_mode: MetricMode = "paper"
     max_new_tokens: int = 24
 
 
@@ -208,7 +208,7 @@ class AnalyzeConfig:
 
     model: str = "models/toy-llava"
     model_name: str | None = None
-    dtype: str = "fp32"
+    dtype: DType = "fp32"
     trust_remote_code: bool = False
     tasks: list[str] | str = field(default_factory=lambda: list(TASKS))
     task: str | None = None
@@ -230,8 +230,9 @@ class AnalyzeConfig:
 
     @classmethod
     def from_namespace(cls, namespace: Any) -> AnalyzeConfig:
-        """The config from a parsed (and instantiated) jsonargparse namespace holding its fields."""
-        return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls)})
+        """The config from a parsed (and instantiated) jsonargparse namespace holding its fields
+        (a field the parser left out, e.g. the scripts' ``overwrite``, keeps its default)."""
+        return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)})
 
     # -- derived values -----------------------------------------------------------------
     def task_list(self) -> list[str]:

@@ -30,6 +30,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
+from hones.choices import Task
 from hones.data.errors import SkipReport
 from hones.data.formats import DATASETS, load_records
 from hones.data.records import SourceRecord, TaskItem, load_image
@@ -150,7 +151,7 @@ class HonesDataModule(LightningDataModule):
         self,
         dataset: str,
         annotation_file: str,
-        task: str,
+        task: Task,
         split: str = "test",
         image_root: str | None = None,
         split_file: str | None = None,

@@ -37,12 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hones.choices import TASKS
 from hones.data.errors import DataError, SkipReport, logger
 from hones.data.images import verify_image
 from hones.data.records import OCRAnnotation, QAPair, SourceRecord
 from hones.data.rng import stable_rng
 
-TASKS = ("vqa", "ocr", "caption", "retrieval")
 DATASETS = ("coco_unified", "gqa", "textvqa", "flickr30k")
 IMAGE_EXTENSIONS = (".jpg", ".png")
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
+from hones.choices import TASKS
 from hones.data.errors import DataError
 from hones.data.images import draw_ocr_box
 from hones.data.records import OCRTaskItem, SourceRecord, TaskItem
@@ -48,7 +49,6 @@ __all__ = [
 
 logger = logging.getLogger("hones.data")
 
-TASKS = ("vqa", "ocr", "caption", "retrieval")
 
 # HONES_METHOD §1 table: user-turn text, without any chat template.
 PROMPTS: dict[str, str] = {

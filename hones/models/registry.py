@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -103,9 +105,25 @@ def wrap_model(model: PreTrainedModel, processor: Any, name: str = "") -> VLMAda
 def load_processor(path_or_hub_id: str, trust_remote_code: bool = False) -> Any:
     """The image-text processor ``wrap_model`` takes for a model folder or hub id (its architecture's
     ``load_processor``: LLaVA's ``LlavaProcessor``; Qwen2.5-VL's tokenizer and image processor,
-    without the video processor that ``AutoProcessor`` would need)."""
-    config = AutoConfig.from_pretrained(str(path_or_hub_id), trust_remote_code=trust_remote_code)
-    return adapter_class(config.model_type).load_processor(str(path_or_hub_id), trust_remote_code=trust_remote_code)
+    without the video processor that ``AutoProcessor`` would need). ``ModelError`` as ``load_adapter``."""
+    with _loading(path_or_hub_id):
+        config = AutoConfig.from_pretrained(str(path_or_hub_id), trust_remote_code=trust_remote_code)
+        return adapter_class(config.model_type).load_processor(str(path_or_hub_id), trust_remote_code=trust_remote_code)
+
+
+@contextmanager
+def _loading(path_or_hub_id: str) -> Iterator[None]:
+    """Turn what loading a model folder or hub id raises into a one-line ``ModelError`` naming it
+    (a local path that is not a folder is named as such, before any hub lookup)."""
+    from safetensors import SafetensorError
+
+    check_local_model(str(path_or_hub_id))
+    try:
+        yield
+    except ModelError:
+        raise
+    except (OSError, ValueError, SafetensorError) as error:  # transformers' messages name the missing piece
+        raise ModelError(f"{path_or_hub_id}: cannot load the model: {_one_line(error)}") from error
 
 
 def load_adapter(
@@ -124,12 +142,9 @@ def load_adapter(
     config, an unsupported architecture, missing or damaged weights or tokenizer) is a one-line
     ``ModelError`` naming it.
     """
-    from safetensors import SafetensorError
-
-    try:
+    with _loading(path_or_hub_id):
         config = AutoConfig.from_pretrained(str(path_or_hub_id), trust_remote_code=trust_remote_code)
-        cls = adapter_class(config.model_type)
-        return cls.from_pretrained(
+        return adapter_class(config.model_type).from_pretrained(
             str(path_or_hub_id),
             dtype=dtype,
             device=device,
@@ -138,21 +153,20 @@ def load_adapter(
             config=config,
             attn_implementation=attn_implementation,
         )
-    except ModelError:
-        raise
-    except (OSError, ValueError, SafetensorError) as error:  # transformers' messages name the missing piece
-        raise ModelError(f"{path_or_hub_id}: cannot load the model: {_one_line(error)}") from error
 
 
 def check_local_model(model: str) -> None:
-    """A clear error for a missing local model directory (rather than a failed hub lookup)."""
+    """A clear error for a missing local model directory (rather than a failed hub lookup): a
+    path that exists, is absolute, has more than two parts (a hub id is ``org/name``) or starts
+    with ``.``, ``..`` or ``models`` is a local one."""
     path = Path(model)
-    local = path.is_absolute() or (bool(path.parts) and path.parts[0] in (".", "..", "models"))
+    parts = path.parts
+    local = path.exists() or path.is_absolute() or len(parts) > 2 or (bool(parts) and parts[0] in (".", "..", "models"))
     if local and not path.is_dir():
         raise ModelNotFoundError(
             f"{model}: no such model directory. The toy models are built with "
             "`python -m hones.training.toy_models fit --config configs/toy/pretrain/<llava|qwen2_5_vl>.yaml`; "
-            "or pass --model.model <directory or hub id>"
+            "or give another model directory or hub id"
         )
 
 

@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from jsonargparse import lazy_instance
 
+from hones.io import make_output_dir
 from hones.run_defaults import HonesCLI
 from hones.attribution.settings import align_to_stored, fingerprint_differences
 from hones.steering.fingerprint import fit_fingerprint, jsonable, plain, without
@@ -168,6 +169,8 @@ class SteeringCLI(HonesCLI):
         if self.subcommand == "fit" and directory and not any(isinstance(c, FitCheckpoint) for c in trainer.callbacks):
             config = self.config[self.subcommand]
             tag = fit_fingerprint(plain(config.model), plain(config.data), plain(config.trainer), config.get("seed_everything"))
+            if trainer.is_global_zero:  # a folder that cannot be written stops the fit now, not at its first save
+                make_output_dir(Path(directory) / "checkpoints")
             trainer.callbacks.append(FitCheckpoint(Path(directory) / "checkpoints", FIT_CHECKPOINT_EVERY_N_STEPS, tag=tag))
         return trainer
 

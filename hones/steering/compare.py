@@ -118,7 +118,7 @@ class Comparison:
                     f"model.scales ({self.model_args['scales']}) sets the scaled neurons and their scales, which "
                     f"{', '.join(clash)} would choose themselves; drop model.scales or those methods"
                 )
-        self.output_dir = Path(self.settings["output_dir"])
+        self.output_dir = io.make_output_dir(self.settings["output_dir"])
         self.adapter = SharedAdapter(adapter_factory or self._load_adapter)
         self.seed = self.config.get("seed_everything")
         self.state = RunState(

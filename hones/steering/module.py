@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from hones import io
+from hones.choices import DType, MetricMode, Task
 from hones.adapter_host import AdapterHost
 from hones.attribution.batches import batch_size, ensure_prompt_only, ensure_targets
 from hones.attribution.bank import BankError
@@ -121,7 +122,7 @@ class SteeringModule(AdapterHost, EpochScoring, L.LightningModule):
     def __init__(
         self,
         model: str = "models/toy-llava",
-        task: str = "vqa",
+        task: Task = "vqa",
         bank: str | None = None,
         scales: str | None = None,
         random_neurons: bool = False,
@@ -134,8 +135,8 @@ class SteeringModule(AdapterHost, EpochScoring, L.LightningModule):
         min_lr_ratio: float = DEFAULT_MIN_LR_RATIO,
         weight_decay: float = 0.0,
         scale_bound: float = DEFAULT_SCALE_BOUND,
-        metric_mode: str = "paper",
-        dtype: str = "fp32",
+        metric_mode: MetricMode = "paper",
+        dtype: DType = "fp32",
         max_new_tokens: int = 24,
         trust_remote_code: bool = False,
         output_dir: str | None = None,
