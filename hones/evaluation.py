@@ -35,14 +35,13 @@ from torch import nn
 from lightning.pytorch.trainer.states import TrainerFn
 
 from hones import io
-from hones.choices import METRIC_MODES, TASKS, DType, MetricMode, Task
 from hones.adapter_host import AdapterHost, trainer_datamodule
 from hones.attribution.settings import model_identity
-from hones.steering.fingerprint import UNUSED_DATA_KEYS, UNUSED_MODEL_KEYS, data_files, without
+from hones.choices import METRIC_MODES, TASKS, DType, MetricMode, Task
 from hones.metrics import build_metric, group_ids, postprocess_generation
 from hones.prediction_journal import PredictionJournal
 from hones.run_defaults import stage_loaders
-
+from hones.steering.fingerprint import UNUSED_DATA_KEYS, UNUSED_MODEL_KEYS, data_files, without
 
 
 def retrieval_margin(adapter: Any, batch: dict[str, Any]) -> torch.Tensor:

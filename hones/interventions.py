@@ -153,6 +153,9 @@ class NeuronScaler(nn.Module):
     by (1 + s_i), the others untouched. `s` (one vector over all selected neurons, layers in
     ascending order, each layer's indices in the given order) starts at `init` (0: no
     change). Buffers `index_<layer>` hold the indices, so `state_dict()` is the full export.
+    A cast of the module to a half type (`.to(torch.bfloat16)`, `.half()`, Lightning's
+    `precision="bf16-true"`) leaves s in its own dtype: optimiser steps of 5e-4 would round away
+    in bf16, and the scaling computes in float32 anyway. Device moves apply as usual.
     """
 
     def __init__(self, neurons: Mapping[int, Tensor | Sequence[int]], init: float = 0.0) -> None:
@@ -169,6 +172,13 @@ class NeuronScaler(nn.Module):
             start += index.numel()
         self.s = nn.Parameter(torch.full((start,), float(init)))
         self.enabled = True
+
+    def _apply(self, fn: Any, recurse: bool = True) -> NeuronScaler:
+        dtype = self.s.dtype
+        super()._apply(fn, recurse)
+        if self.s.dtype != dtype and self.s.dtype in (torch.bfloat16, torch.float16):
+            self.s.data = self.s.data.to(dtype)  # in place: the same Parameter, before any optimiser or DDP wrap
+        return self
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Tensor]) -> NeuronScaler:

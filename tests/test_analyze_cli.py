@@ -813,3 +813,20 @@ def test_an_output_root_that_cannot_be_written_stops_the_run_first(
     assert load_cli().main(cli_args("all", world, model_dir, taken, "--task", "vqa")) == 2
     err = capsys.readouterr().err
     assert f"{taken / 'tiny' / 'vqa'}: cannot write results there" in err and "heads (§2)" not in err
+
+
+def test_stage_by_stage_on_a_fresh_toy_world(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``heads`` generates the toy world (its data files did not exist when its fingerprint was
+    taken); ``neurons`` then reuses that stage instead of finding other digests."""
+    world = tmp_path / "toyworld_data"
+    toy = json.dumps({"dir": str(world), "n_train": 0, "n_discovery": 4, "n_dev": 0, "n_test": 2, "n_ood": 0})
+    args = ["--config", str(CONFIG), "--model", str(model_dir), "--model_name", "tiny", "--output_root", str(tmp_path / "runs"),
+            "--task", "vqa", "--data.toy_world", toy, "--data.annotation_file", str(world / "coco" / "unified.json"),
+            "--data.image_root", str(world / "coco" / "images"), "--discovery.split_file", str(world / "splits" / "discovery.json"),
+            "--test.split_file", str(world / "splits" / "test.json"), "--heads.max_new_tokens", "3",
+            "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    cli = load_cli()
+    assert cli.main(["heads", *args]) == 0 and (world / "coco" / "unified.json").is_file()
+    assert cli.main(["neurons", *args]) == 0, capsys.readouterr().err
+    state = json.loads((tmp_path / "runs" / "tiny" / "vqa" / "state.json").read_text())
+    assert state["stages"]["neurons"]["fingerprint"]["data"]["data_files"]["annotation_file"] is not None

@@ -391,3 +391,15 @@ def test_capture_stitches_generation_steps(adapter: VLMAdapter, make_image) -> N
             adapter.model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     torch.testing.assert_close(stitched[1], whole[1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(at_last[1], whole[1][:, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_a_half_cast_keeps_the_scales_float32() -> None:
+    """What precision="bf16-true" does to the module: s keeps its dtype (and Parameter), buffers and devices follow."""
+    scaler = NeuronScaler({0: torch.tensor([1, 2]), 2: torch.tensor([5])})
+    parameter = scaler.s
+    scaler.to(torch.bfloat16)
+    assert scaler.s is parameter and scaler.s.dtype == torch.float32 and scaler.index_0.dtype == torch.long
+    scaler.half()
+    assert scaler.s.dtype == torch.float32
+    scaler.double()  # a widening cast is the user's
+    assert scaler.s.dtype == torch.float64

@@ -449,7 +449,11 @@ def test_callback_takes_every_bank_form_and_learned_scales(llava: VLMAdapter, tm
     expected = {1: [5, 3], 2: [7]}
     entries = [BankEntry(layer, neuron, 0.5, k) for k, (layer, neuron) in enumerate(pairs)]
     bank = write_bank(tmp_path / "bank.json", entries)
-    for form in (pairs, entries, {1: [5, 3], 2: torch.tensor([7])}, {"1": [5, 3], "2": [7]}):
+    import numpy as np
+
+    forms = (pairs, entries, {1: [5, 3], 2: torch.tensor([7])}, {"1": [5, 3], "2": [7]}, {1: np.array([5, 3]), 2: torch.tensor(7)},
+             {1: [np.int64(5), np.int64(3)], 2: range(7, 8)}, {1: (5, 3), 2: 7})  # fmt: skip
+    for form in forms:
         got = NeuronSteeringCallback(form).scaler.neurons
         assert {layer: ids.tolist() for layer, ids in got.items()} == expected, form
     assert {k: v.tolist() for k, v in NeuronSteeringCallback(bank).scaler.neurons.items()} == {1: [3, 5], 2: [7]}

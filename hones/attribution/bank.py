@@ -19,6 +19,7 @@ Every writer is atomic (``hones.io``: temporary file + ``os.replace``); no pickl
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ def validate_bank(
 
 
 def _as_int(value: Any, what: str, source: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, str)):
         raise BankError(f"{source}: {what} must be an integer; got {value!r}")
     try:
         return int(value)
@@ -122,6 +123,18 @@ def parse_bank(data: Any, source: str = "bank") -> list[BankEntry]:
     raise BankError(f"{source}: a neuron bank is a list of entries or a {{layer: [neurons]}} object; got {type(data).__name__}")
 
 
+def _id_list(ids: Any) -> Any:
+    """A layer's neuron ids as a flat list: lists as they are (each id checked by ``parse_bank``);
+    tensors, arrays, ranges, tuples and single ids flattened (float ids stay floats, so they are
+    refused, not truncated); anything else as it is, for ``parse_bank`` to name."""
+    if isinstance(ids, list):
+        return ids
+    try:
+        return torch.as_tensor(ids).flatten().tolist()
+    except (TypeError, ValueError, RuntimeError):
+        return ids
+
+
 def as_bank(bank: Any, num_layers: int | None = None, ffn_width: int | None = None, source: str = "bank") -> list[BankEntry]:
     """A validated bank from any form a user holds: ``BankEntry`` list, a bank JSON path (either
     layout), a selection ``{layer: neuron ids}`` (lists or tensors, as ``zero_neurons`` and
@@ -131,8 +144,7 @@ def as_bank(bank: Any, num_layers: int | None = None, ffn_width: int | None = No
             raise BankError(f"{bank}: a directory, not a bank file (e.g. {Path(bank) / 'bank_hones.json'})")
         return read_bank(bank, num_layers, ffn_width)
     if isinstance(bank, Mapping):
-        selection = {key: (ids.tolist() if isinstance(ids, Tensor) else ids) for key, ids in bank.items()}
-        entries = parse_bank({key: list(ids) if isinstance(ids, tuple) else ids for key, ids in selection.items()}, source)
+        entries = parse_bank({key: _id_list(ids) for key, ids in bank.items()}, source)
     elif isinstance(bank, Iterable) and not isinstance(bank, (bytes, Tensor)):
         entries = []
         for k, row in enumerate(bank):
@@ -208,8 +220,14 @@ def save_matrices(path: str | os.PathLike, tensors: Mapping[str, Tensor], metada
 
 
 def load_matrices(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Load every tensor of a safetensors file (CPU)."""
-    return io.load_tensors(path)
+    """Load every tensor of a safetensors file (CPU); a damaged or cut-short file is a one-line
+    ``AnalysisError`` naming it and the way on."""
+    from hones.attribution.run_state import AnalysisError
+
+    try:
+        return io.load_tensors(path)
+    except ValueError as error:
+        raise AnalysisError(f"{error}; recompute the stage that wrote it (analyze.py ... --overwrite true)") from None
 
 
 def save_head_scores(path: str | os.PathLike, scores: Any) -> Path:

@@ -48,7 +48,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
 from hones import io
-from hones.attribution.settings import align_to_stored
+from hones.attribution.settings import matches_stored
 
 _LAYOUT_KEY = "layout"
 
@@ -225,8 +225,7 @@ class AccumulatorCheckpoint(Callback):
         if not file.is_file():
             return
         tensors, layout, meta = read_metric_states(file)
-        stored = meta.get("fingerprint")
-        if stored != align_to_stored(stored, self.fingerprint) or meta.get("world_size") != trainer.world_size:
+        if not matches_stored(meta.get("fingerprint"), self.fingerprint) or meta.get("world_size") != trainer.world_size:
             rank_zero_warn(f"{file}: written for other settings or another world size; starting the pass over")
             return
         roots = self.target.accumulators()

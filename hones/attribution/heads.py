@@ -33,7 +33,6 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
 
 from hones.attribution.batches import batch_size, ensure_prompt_only, ensure_targets
-from hones.choices import UTILITIES
 from hones.attribution.rerun import (
     base_hidden_states,
     capture_layer_inputs,
@@ -42,6 +41,7 @@ from hones.attribution.rerun import (
     run_layers_from,
 )
 from hones.attribution.stats import HeadUtilityAccumulator
+from hones.choices import UTILITIES
 from hones.interventions import mean_replace_heads
 
 Head = tuple[int, int]

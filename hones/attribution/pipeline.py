@@ -637,21 +637,20 @@ def run_analysis(
         raise ValueError(f"command must be one of {COMMANDS}; got {command!r}")
     check_disjoint_splits({"discovery": config.discovery.split_file, "test": config.test.split_file})
     tasks = config.task_list()
+    for task in tasks:  # every process: a folder that cannot be written stops the run now, not after its first pass
+        io.make_output_dir(config.run_dir(task))
+    if command == "all":
+        for task in tasks:  # a bad test item stops the run now (before --overwrite forgets anything), not after the discovery stages
+            build_datamodule(config, task, config.test, with_targets=False)
     identity = model_identity(config.model)
     module = AttributionModule(config.model, config.dtype, config.trust_remote_code, adapter_factory)
     module.configure_model()
-    if is_global_zero():
-        for task in tasks:  # a folder that cannot be written stops the run now, not after its first pass
-            io.make_output_dir(config.run_dir(task))
     runs = {task: TaskRun(config, task, module, extra_callbacks, identity) for task in tasks}
     if config.overwrite:
         first = {"all": ["heads"], "heads": ["heads"], "neurons": ["neurons"], "mask": ["mask/", "ape"]}[command]
         for run in runs.values():
             run.forget(first)
     barrier()
-    if command == "all":
-        for task in tasks:  # a bad test item stops the run now, not after the discovery stages
-            build_datamodule(config, task, config.test, with_targets=False)
     for run in runs.values():
         if command in ("all", "heads"):
             run.heads()

@@ -17,7 +17,7 @@ from typing import Any, Callable, TypeVar
 import torch
 from transformers import AutoConfig, PreTrainedModel
 
-from hones.models.base import VLMAdapter
+from hones.models.base import VLMAdapter, resolve_dtype
 
 _ADAPTERS: dict[str, type[VLMAdapter]] = {}
 # Modules of this package that hold no adapter.
@@ -142,6 +142,7 @@ def load_adapter(
     config, an unsupported architecture, missing or damaged weights or tokenizer) is a one-line
     ``ModelError`` naming it.
     """
+    resolve_dtype(dtype)  # a caller's mistake, not the model's: a plain ValueError, outside _loading
     with _loading(path_or_hub_id):
         config = AutoConfig.from_pretrained(str(path_or_hub_id), trust_remote_code=trust_remote_code)
         return adapter_class(config.model_type).from_pretrained(

@@ -10,8 +10,8 @@ The module only has to expose its VLM (``adapter`` attribute or ``get_adapter()`
   the whole stage (training, validation, generation);
 - ``on_fit_start``: makes sure s is optimised (adds a parameter group with ``lr`` to the
   first optimiser when the module's ``configure_optimizers`` left it out; an error when
-  there is no optimiser, or a scheduler that could not follow the new group) and in
-  float32 (``precision="bf16-true"`` casts it with the module);
+  there is no optimiser, or a scheduler that could not follow the new group). s stays
+  float32 under ``precision="bf16-true"`` (``NeuronScaler`` keeps its dtype in a half cast);
 - ``on_train_batch_end``: after each optimiser step clamps s to [-bound, bound]; logs
   ``steer/scale_abs_mean``, ``steer/scale_abs_max``, ``steer/scale_nonzero_frac`` and
   the ``ce`` / ``kl`` / ``l2`` parts the training step returned (``steer/ce`` ...);
@@ -48,11 +48,11 @@ from lightning.pytorch.core.optimizer import _MockOptimizer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from hones.attribution.bank import BankError
 from hones.attribution.batches import ensure_targets
 from hones.interventions import NeuronScaler, scale_neurons
 from hones.steering.objective import DEFAULT_BETA, DEFAULT_L2_WEIGHT, SteeringLoss, steering_objective
 from hones.steering.protocol import freeze_parameters, resolve_adapter, restore_requires_grad
-from hones.attribution.bank import BankError
 from hones.steering.scales import DEFAULT_SCALE_BOUND, NONZERO_THRESHOLD, export_scales, is_scales_file, load_scales, scale_statistics
 from hones.steering.selection import read_neurons, selection_from, validate_neurons
 
@@ -188,8 +188,6 @@ class NeuronSteeringCallback(Callback):
                 f"the optimiser of {name} did not include the neuron scales; added them "
                 f"with lr={self.lr} (optimise `filter(lambda p: p.requires_grad, self.parameters())` instead)"
             )
-        if self.scaler.s.dtype in (torch.bfloat16, torch.float16):  # e.g. precision="bf16-true" cast the module
-            self.scaler.s.data = self.scaler.s.data.float()  # the same Parameter (the optimiser's); steps of 5e-4 survive
         self._last_step = trainer.global_step
 
     def on_train_batch_end(

@@ -34,7 +34,7 @@ from jsonargparse import lazy_instance
 
 from hones.io import make_output_dir
 from hones.run_defaults import HonesCLI
-from hones.attribution.settings import align_to_stored, fingerprint_differences
+from hones.attribution.settings import fingerprint_differences, matches_stored
 from hones.steering.fingerprint import fit_fingerprint, jsonable, plain, without
 from hones.steering.resume import FitCheckpoint, ResumeSettingsError
 from hones.steering.methods import GRID_FACTORS, METHOD_NAMES
@@ -127,8 +127,7 @@ class SteeringCLI(HonesCLI):
 
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         tag = fit_fingerprint(plain(config.model), plain(config.data), plain(config.trainer), config.get("seed_everything"))
-        stored_tag = FitCheckpoint.tag_of(checkpoint)
-        if stored_tag != align_to_stored(stored_tag, tag):
+        if not matches_stored(FitCheckpoint.tag_of(checkpoint), tag):
             return
         # the model settings LightningCLI would take from the checkpoint (``_parse_ckpt_path``) must be
         # the given ones: the tag leaves some out (output_dir, stats_threshold)
@@ -169,8 +168,7 @@ class SteeringCLI(HonesCLI):
         if self.subcommand == "fit" and directory and not any(isinstance(c, FitCheckpoint) for c in trainer.callbacks):
             config = self.config[self.subcommand]
             tag = fit_fingerprint(plain(config.model), plain(config.data), plain(config.trainer), config.get("seed_everything"))
-            if trainer.is_global_zero:  # a folder that cannot be written stops the fit now, not at its first save
-                make_output_dir(Path(directory) / "checkpoints")
+            make_output_dir(Path(directory) / "checkpoints")  # every process: a folder that cannot be written stops the fit now
             trainer.callbacks.append(FitCheckpoint(Path(directory) / "checkpoints", FIT_CHECKPOINT_EVERY_N_STEPS, tag=tag))
         return trainer
 

@@ -50,7 +50,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from hones import io
 from hones.attribution.pipeline import is_global_zero
 from hones.attribution.run_state import AnalysisError, RunState
-from hones.attribution.settings import model_identity
+from hones.attribution.settings import matches_stored, model_identity
 from hones.data.datamodule import HonesDataModule
 from hones.data.formats import check_disjoint_splits
 from hones.run_defaults import default_callbacks
@@ -242,7 +242,7 @@ class Comparison:
         path = self.checkpoint_dir(name) / LAST
         if not path.is_file():
             return None
-        if FitCheckpoint.read_tag(path) == fingerprint:
+        if matches_stored(FitCheckpoint.read_tag(path), fingerprint):
             return str(path)
         if is_global_zero():
             print(f"compare: {name}: {path} was written with other settings; the fit starts over", flush=True)
@@ -272,7 +272,7 @@ class Comparison:
         its row is recorded."""
         stage = f"pass/{name}/{key}"
         record = self.state.record(stage)
-        if record is not None and record.get("fingerprint") == fingerprint:
+        if record is not None and matches_stored(record.get("fingerprint"), fingerprint):
             if is_global_zero():
                 print(f"compare: {name}: the {key} pass finished in an earlier run ({self.state.path}); reused", flush=True)
             return dict(record["info"])
@@ -285,7 +285,9 @@ class Comparison:
     def has_passes(self, name: str, fingerprint: dict[str, Any]) -> bool:
         """Whether an earlier run of method ``name`` with ``fingerprint`` recorded a finished pass."""
         prefix = f"pass/{name}/"
-        return any(stage.startswith(prefix) and record.get("fingerprint") == fingerprint for stage, record in self.state.stages.items())
+        return any(
+            stage.startswith(prefix) and matches_stored(record.get("fingerprint"), fingerprint) for stage, record in self.state.stages.items()
+        )
 
     def grid_search(self, method: SteeringMethod, dev: HonesDataModule, fingerprint: dict[str, Any]) -> tuple[float, dict[float, float]]:
         """Evaluate every uniform factor on dev; the best (ties: closest to 1) and all scores."""
