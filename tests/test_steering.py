@@ -1016,6 +1016,10 @@ def test_train_py_fit_resumes_from_its_checkpoint(toy_run: dict[str, Path], tmp_
     assert again.returncode == 0 and "resuming the stopped fit from" in again.stderr, again.stderr[-2000:]
     assert "Restored all states from the checkpoint" in again.stderr
     assert torch.equal(load_scales(tmp_path / "again" / "scales.json").s, load_scales(tmp_path / "whole" / "scales.json").s)
+    # the same command once more, after the fit finished: said so, nothing trained, the same scales
+    done = fit(tmp_path / "again")
+    assert done.returncode == 0 and "holds a finished fit with these settings" in done.stderr, done.stderr[-2000:]
+    assert torch.equal(load_scales(tmp_path / "again" / "scales.json").s, load_scales(tmp_path / "whole" / "scales.json").s)
     # a setting the checkpoint's tag leaves out, but LightningCLI would take from it: trained afresh, not refused
     assert fit(tmp_path / "fresh", *stop).returncode == 143
     fresh = fit(tmp_path / "fresh", "--model.stats_threshold", "0.2")

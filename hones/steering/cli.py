@@ -136,7 +136,13 @@ class SteeringCLI(HonesCLI):
         if fingerprint_differences(jsonable(stored), jsonable(given), "model"):
             return
         config.ckpt_path = str(path)
-        rank_zero_info(f"train.py fit: resuming the stopped fit from {path} (same settings; remove it to train from scratch)")
+        if _fit_finished(checkpoint, config.trainer.get("max_epochs"), config.trainer.get("max_steps")):
+            rank_zero_info(
+                f"train.py fit: {path} holds a finished fit with these settings: its scales are exported again, "
+                "without training (remove it to train from scratch)"
+            )
+        else:
+            rank_zero_info(f"train.py fit: resuming the stopped fit from {path} (same settings; remove it to train from scratch)")
 
     def before_instantiate_classes(self) -> None:
         """With ``--ckpt_path``, LightningCLI replaces the ``model`` settings by those stored in the
@@ -171,6 +177,16 @@ class SteeringCLI(HonesCLI):
             make_output_dir(Path(directory) / "checkpoints")  # every process: a folder that cannot be written stops the fit now
             trainer.callbacks.append(FitCheckpoint(Path(directory) / "checkpoints", FIT_CHECKPOINT_EVERY_N_STEPS, tag=tag))
         return trainer
+
+
+def _fit_finished(checkpoint: dict[str, Any], max_epochs: Any, max_steps: Any) -> bool:
+    """Whether a ``FitCheckpoint`` was saved at the end of an epoch-bounded fit's last epoch (its
+    training loader's saved position: the epoch ended). False when that cannot be told."""
+    if not isinstance(max_epochs, int) or max_epochs < 1 or (isinstance(max_steps, int) and max_steps > 0):
+        return False
+    loaders = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader") or [{}]
+    position = loaders[0] if isinstance(loaders, list) and loaders and isinstance(loaders[0], dict) else {}
+    return checkpoint.get("epoch") == max_epochs - 1 and bool(position.get("epoch_done"))
 
 
 class ConfigReader(SteeringCLI):
