@@ -380,3 +380,13 @@ def test_analyze_py_exposes_the_analysis_subcommand() -> None:
         parsed = module.build_parser().parse_args(["analysis", "--config", str(root / "configs" / "analysis" / f"{name}.yaml")])
         assert parsed.command == "analysis"
         assert parsed.analysis.model == f"models/toy-{name.removeprefix('toy_')}"
+
+
+def test_an_output_folder_that_cannot_be_written_is_named(tiny_llava, world: Path, tmp_path: Path) -> None:
+    from hones.io import OutputError
+
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    root = write_banks(tmp_path / "analyze", random_banks(tiny_llava.num_layers, tiny_llava.ffn_width))
+    with pytest.raises(OutputError, match=rf"{taken / 'out'}: cannot write results there"):
+        run_cross_task_analysis(banks=str(root), tasks=["vqa"], data=tiny_data(world), out_dir=str(taken / "out"), adapter=tiny_llava)

@@ -798,10 +798,18 @@ def test_a_bank_edited_after_its_stage_is_not_masked(
     args = cli_args("mask", world, model_dir, out, "--task", "vqa")
     assert cli.main(args) == 0 and "already done" in capsys.readouterr().err
     bank = out / "tiny" / "vqa" / "bank_activation.json"
+    original = bank.read_bytes()
     bank.write_text(json.dumps({"0": [1, 2], "3": [5]}))
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert f"{bank}: changed since the neurons stage wrote it" in err and "--overwrite" in err
+    bank.write_bytes(original)  # restored: accepted again; then the APE bank, recorded by its own stage
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    ape = out / "tiny" / "vqa" / "bank_ape.json"
+    ape.write_text(json.dumps({"0": [1]}))
+    assert cli.main(args) == 2
+    assert f"{ape}: changed since the APE stage wrote it" in capsys.readouterr().err
 
 
 def test_an_output_root_that_cannot_be_written_stops_the_run_first(
@@ -830,3 +838,27 @@ def test_stage_by_stage_on_a_fresh_toy_world(model_dir: Path, tmp_path: Path, ca
     assert cli.main(["neurons", *args]) == 0, capsys.readouterr().err
     state = json.loads((tmp_path / "runs" / "tiny" / "vqa" / "state.json").read_text())
     assert state["stages"]["neurons"]["fingerprint"]["data"]["data_files"]["annotation_file"] is not None
+
+
+@pytest.mark.parametrize("field", ["discovery", "test"])
+@pytest.mark.parametrize("limit", [0, -3])
+def test_a_limit_below_one_is_refused(field: str, limit: int) -> None:
+    """0 or a negative limit used to load the whole split."""
+    from hones.data.datamodule import HonesDataModule
+
+    config = AnalyzeConfig()
+    with pytest.raises(ValueError, match=rf"{field}.limit must be >= 1"):
+        dataclasses.replace(config, **{field: dataclasses.replace(getattr(config, field), limit=limit)})
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        HonesDataModule("coco_unified", "a.json", "vqa", limit=limit)
+
+
+def test_a_broken_model_folder_stops_analyze_in_one_line(
+    world: Path, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "model"
+    shutil.copytree(model_dir, broken)
+    (broken / "config.json").unlink()
+    assert load_cli().main(cli_args("heads", world, broken, tmp_path / "runs", "--task", "vqa")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"analyze.py heads: {broken}: cannot load the model: "), err[-3:]

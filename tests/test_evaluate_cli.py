@@ -190,3 +190,11 @@ def test_a_broken_model_folder_is_one_line(evaluate, tmp_path: Path, damage: str
         evaluate.main(eval_args(model_dir, world, tmp_path / "out", "vqa", 2, tmp_path / "cache"))
     message = str(stop.value.code)
     assert message.startswith(f"evaluate.py: {model_dir}: cannot load the model: ") and "\n" not in message, message
+
+
+@pytest.mark.parametrize("flag, value", [("--model.dtype", "fp64"), ("--model.task", "vqa2"), ("--model.metric_mode", "strict")])
+def test_a_wrong_choice_is_refused_while_parsing(evaluate, capsys: pytest.CaptureFixture[str], flag: str, value: str) -> None:
+    """hones/choices.py: refused by the parser (before a model loads), naming the value."""
+    with pytest.raises(SystemExit):
+        evaluate.read_config(["--config", str(REPO / "configs/toy/eval.yaml"), flag, value])
+    assert value in capsys.readouterr().err

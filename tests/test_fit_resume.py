@@ -256,3 +256,19 @@ def test_sigterm_during_validation_in_fit_warns(world: dict[str, Any], tmp_path:
     with pytest.warns(UserWarning, match="during validation in epoch 0; a resume continues the training after this validation"), pytest.raises(SystemExit):
         _fit(world, tmp_path / "out", [ckpt, StopInValidation()], limit_val_batches=2)
     assert torch.load(ckpt.path, weights_only=True)["epoch"] == 0  # the save after epoch 1's last batch
+
+
+def test_a_fit_tag_from_before_the_digests_resumes(tmp_path: Path) -> None:
+    """A checkpoint tagged without data digests, or with null ones (a toy world the fit generated),
+    resumes; a recorded digest that differs is refused, naming the file."""
+    import json
+    from types import SimpleNamespace
+
+    from hones.steering.resume import TAG_KEY, ResumeSettingsError
+
+    now = {"data": {"seed": 0}, "data_files": {"annotation_file": "a1", "split_file": "s1"}}
+    callback, trainer = FitCheckpoint(tmp_path, 10, tag=now), SimpleNamespace(ckpt_path="last.ckpt")
+    callback.on_load_checkpoint(trainer, None, {TAG_KEY: json.dumps({"data": {"seed": 0}})})
+    callback.on_load_checkpoint(trainer, None, {TAG_KEY: json.dumps({**now, "data_files": {"annotation_file": None, "split_file": None}})})
+    with pytest.raises(ResumeSettingsError, match=r"split_file: 's0' -> 's1'"):
+        callback.on_load_checkpoint(trainer, None, {TAG_KEY: json.dumps({**now, "data_files": {"annotation_file": "a1", "split_file": "s0"}})})

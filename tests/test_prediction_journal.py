@@ -53,7 +53,9 @@ def test_journal_drops_a_cut_last_line_and_refuses_a_corrupt_one(tmp_path: Path)
     assert PredictionJournal(tmp_path / "j", {"model": "m"}).open() == 3
     lines = journal.path.read_text().splitlines()
     journal.path.write_text("\n".join([lines[0], "not json", *lines[1:]]) + "\n")
-    with pytest.raises(ValueError, match=r"rank0.jsonl: line 2 is not JSON"):
+    from hones.data.errors import DataError  # the entry points print it in one line
+
+    with pytest.raises(DataError, match=r"rank0.jsonl: line 2 is not JSON"):
         PredictionJournal(tmp_path / "j", {"model": "m"}).open()
 
 

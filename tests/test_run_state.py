@@ -79,3 +79,17 @@ def test_file_digest_follows_the_file(tmp_path: Path) -> None:
     assert first == file_digest(str(path)) and len(first) == 64
     path.write_text("[1, 2]")
     assert file_digest(path) != first
+
+
+def test_file_digest_sees_a_same_size_rewrite(tmp_path: Path) -> None:
+    """The cache is keyed by the file's version (size and modification time), not its path alone."""
+    import os
+
+    from hones.io import file_digest
+
+    path = tmp_path / "split.json"
+    path.write_text("[1, 2, 3]")
+    first, stat = file_digest(path), path.stat()
+    path.write_text("[4, 5, 6]")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert file_digest(path) != first

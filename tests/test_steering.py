@@ -1067,7 +1067,20 @@ def test_regenerated_data_files_change_the_fit_tag_and_the_rows(toy_run: dict[st
     fit_now, row_now = tags()
     assert fit_now == fit and row_now != row  # the test split: the rows, not the fit
     dev.write_text(json.dumps(json.loads(dev.read_text())[1:]))
-    assert tags()[0]["data_files"]["split_file"] != fit["data_files"]["split_file"]
+    fit_dev, row_dev = tags()
+    assert fit_dev["data_files"]["split_file"] != fit["data_files"]["split_file"] and row_dev != row_now
+    # the dev split given to compare, and the OOD set's annotation file, are the rows' inputs too
+    compare_dev = tmp_path / "compare_dev.json"
+    shutil.copy(dev, compare_dev)
+    ood = tmp_path / "gqa.json"
+    shutil.copy(world / "gqa" / "questions.json", ood)
+    args += ["--compare.dev_split_file", str(compare_dev), "--compare.ood.annotation_file", str(ood)]
+    _, before = tags()
+    compare_dev.write_text(json.dumps(json.loads(compare_dev.read_text())[1:]))
+    _, after_dev = tags()
+    ood.write_text(ood.read_text() + "\n")
+    _, after_ood = tags()
+    assert before != after_dev != after_ood
 
 
 def test_train_py_names_a_loader_layout_change_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1113,3 +1126,37 @@ def test_train_py_fit_checks_its_output_folder_before_training(toy_run: dict[str
         train.main(["fit", "--config", str(toy_run["config"]), *FAST_TRAINER, "--model.output_dir", str(taken / "fit")])
     message = str(info.value.code)
     assert message == f"train.py: {taken / 'fit' / 'checkpoints'}: cannot write results there (Not a directory)", message
+
+
+def test_train_py_names_a_broken_model_folder(toy_run: dict[str, Path], tmp_path: Path) -> None:
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("train_cli_model", Path(__file__).resolve().parents[1] / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    broken = tmp_path / "model"
+    shutil.copytree(toy_run["root"] / "model", broken)
+    (broken / "config.json").unlink()
+    with pytest.raises(SystemExit) as info:
+        train.main(["fit", "--config", str(toy_run["config"]), *FAST_TRAINER, "--model.model", str(broken),
+                    "--model.output_dir", str(tmp_path / "fit")])  # fmt: skip
+    message = str(info.value.code)
+    assert message.startswith(f"train.py: {broken}: cannot load the model: ") and "\n" not in message, message
+
+
+def test_compare_reuses_a_pass_recorded_before_the_digests(toy_run: dict[str, Path], tmp_path: Path) -> None:
+    """An interrupted comparison from before the data digests: its finished passes are reused, not rerun."""
+    from hones.steering.cli import read_config
+    from hones.steering.compare import Comparison
+
+    comparison = Comparison(read_config(["--config", str(toy_run["config"]), "--compare.output_dir", str(tmp_path / "c")]))
+    fingerprint = comparison.method_fingerprint("hones")
+    old = {k: v for k, v in fingerprint.items() if k != "data_files"}
+    comparison.state.mark_done("pass/hones/test", old, {"metric": 0.5})
+
+    def rerun() -> dict[str, Any]:
+        raise AssertionError("the recorded pass was run again")
+
+    assert comparison.has_passes("hones", fingerprint)
+    assert comparison.evaluation_pass("hones", "test", fingerprint, rerun) == {"metric": 0.5}
