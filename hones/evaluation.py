@@ -89,7 +89,7 @@ def skipped_items(trainer: Any) -> dict[str, Any]:
     skips = getattr(getattr(trainer, "datamodule", None), "skips", None) if trainer is not None else None
     if skips is None or not hasattr(skips, "reasons"):
         return {}
-    return {"skipped": {"total": int(skips.total), "reasons": dict(skips.reasons.most_common())}}
+    return {"skipped": skips.to_json()}
 
 
 class TaskScorer:

@@ -81,6 +81,16 @@ def write_selection(path: Path, neurons: dict[int, torch.Tensor]) -> Path:
     return write_bank(path, [BankEntry(e.layer, e.neuron, e.score, k) for k, e in enumerate(entries)])
 
 
+def load_train_py() -> Any:
+    """``train.py`` as a module (its ``main(argv)`` runs in this process)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_cli", Path(__file__).resolve().parents[1] / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def trainer(**kwargs: Any) -> L.Trainer:
     options: dict[str, Any] = dict(
         accelerator="cpu",
@@ -1085,14 +1095,10 @@ def test_regenerated_data_files_change_the_fit_tag_and_the_rows(toy_run: dict[st
 
 def test_train_py_names_a_loader_layout_change_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """A resume onto another process count (a requeue under ``devices: auto``) ends in one line, not a traceback."""
-    import importlib.util
-
     import hones.steering.cli
     from hones.data.resumable import LoaderLayoutError
 
-    spec = importlib.util.spec_from_file_location("train_cli", Path(__file__).resolve().parents[1] / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_train_py()
 
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise LoaderLayoutError("ResumableLoader.load_state_dict: the checkpoint's training loader had other processes: 1 -> 2")
@@ -1115,11 +1121,7 @@ def test_the_same_scales_cannot_scale_a_model_twice(steerable: VLMAdapter) -> No
 
 
 def test_train_py_fit_checks_its_output_folder_before_training(toy_run: dict[str, Path], tmp_path: Path) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_cli_out", Path(__file__).resolve().parents[1] / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_train_py()
     taken = tmp_path / "taken"
     taken.write_text("a file")
     with pytest.raises(SystemExit) as info:
@@ -1129,12 +1131,9 @@ def test_train_py_fit_checks_its_output_folder_before_training(toy_run: dict[str
 
 
 def test_train_py_names_a_broken_model_folder(toy_run: dict[str, Path], tmp_path: Path) -> None:
-    import importlib.util
     import shutil
 
-    spec = importlib.util.spec_from_file_location("train_cli_model", Path(__file__).resolve().parents[1] / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_train_py()
     broken = tmp_path / "model"
     shutil.copytree(toy_run["root"] / "model", broken)
     (broken / "config.json").unlink()

@@ -196,7 +196,7 @@ def skipped_on_load(datamodule: Any) -> dict[str, Any]:
     skips = getattr(datamodule, "skips", None)
     if skips is None or not skips.total:
         return {}
-    return {"skipped": {"total": int(skips.total), "reasons": dict(skips.reasons.most_common())}}
+    return {"skipped": skips.to_json()}
 
 
 @dataclass

@@ -97,6 +97,10 @@ class SkipReport:
         for key, example in other.examples.items():
             self.examples.setdefault(key, example)
 
+    def to_json(self) -> dict[str, object]:
+        """``{"total": n, "reasons": {reason: count}}`` (most frequent first), for results files."""
+        return {"total": int(self.total), "reasons": dict(self.reasons.most_common())}
+
     def summary(self) -> str:
         """One line: ``skipped N items from SOURCE: 2 x reason; 1 x reason``."""
         where = f" from {self.source}" if self.source else ""
