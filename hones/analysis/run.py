@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 from hones import io
-from hones.choices import TASKS, DType, MetricMode
 from hones.analysis.cross_ablation import cross_ablation, plot_cross_ablation
 from hones.analysis.layer_preference import layer_counts, layer_counts_table, plot_layer_preference
 from hones.analysis.logit_lens import lens_rows, plot_logit_lens, token_label, top_delta_tokens
@@ -53,6 +52,7 @@ from hones.analysis.overlap import (
 from hones.analysis.report import AnalysisReport
 from hones.attribution.bank import BankEntry, BankError, bank_to_layer_dict, read_bank
 from hones.attribution.settings import make_datamodule
+from hones.choices import TASKS, DType, MetricMode
 
 logger = logging.getLogger("hones.analysis")
 

@@ -182,8 +182,7 @@ def load_module_adapter(module: Any, factory: Callable[[], VLMAdapter] | None = 
     if factory is not None:
         adapter = factory()
     else:
-        hp = module.hparams
-        check_local_model(hp.model)
+        hp = module.hparams  # load_adapter names a missing local folder (check_local_model) before any hub lookup
         trainer = module._trainer  # None outside a Trainer (``module.trainer`` would raise)
         device = trainer.strategy.root_device if trainer is not None else module.device
         adapter = load_adapter(hp.model, dtype=hp.dtype, device=str(device), trust_remote_code=hp.trust_remote_code)

@@ -41,7 +41,7 @@ from hones import io
 from hones.choices import DType, MetricMode, Task
 from hones.adapter_host import AdapterHost
 from hones.attribution.batches import batch_size, ensure_prompt_only, ensure_targets
-from hones.attribution.bank import BankError
+from hones.attribution.bank import BankError, read_bank
 from hones.evaluation import METRIC_MODES, EpochScoring, TaskScorer, skipped_items, summarize_epoch
 from hones.interventions import NeuronScaler, scale_neurons
 from hones.metrics import build_metric
@@ -55,7 +55,7 @@ from hones.steering.scales import (
     load_scales,
     scale_statistics,
 )
-from hones.steering.selection import random_neurons_like, read_bank_entries, read_neurons
+from hones.steering.selection import random_neurons_like, read_neurons
 
 # §5 optimisation defaults (the Trainer ones live in hones.steering.cli.TRAINER_DEFAULTS).
 DEFAULT_LR = 5e-4
@@ -157,7 +157,7 @@ class SteeringModule(AdapterHost, EpochScoring, L.LightningModule):
             )
         self.save_hyperparameters(ignore=["adapter_factory"])
         if steer and bank is not None and scales is None:
-            read_bank_entries(bank)  # fail fast on a missing, malformed or empty bank, before loading a model
+            read_bank(bank)  # fail fast on a missing, malformed or empty bank, before loading a model
         self.scorer = TaskScorer(task, max_new_tokens)
         self.metrics = nn.ModuleDict({mode: build_metric(task, mode) for mode in METRIC_MODES})
         self._adapter_factory = adapter_factory

@@ -62,23 +62,16 @@ def selection_from(neurons: Any, source: str = "neurons") -> Neurons:
     return validate_neurons(layers, source=source)
 
 
-def read_bank_entries(
-    path: str | os.PathLike, num_layers: int | None = None, ffn_width: int | None = None
-) -> list[BankEntry]:
-    """``read_bank`` with every problem (also malformed JSON) as a one-line ``BankError``."""
-    try:
-        return read_bank(path, num_layers, ffn_width)
-    except BankError:
-        raise
-    except ValueError as error:  # malformed JSON: hones.io names the file, line and column
-        raise BankError(str(error)) from None
+# ``read_bank`` itself now gives every problem (also malformed JSON) as a one-line ``BankError``;
+# the name stays for code that imported it from here.
+read_bank_entries = read_bank
 
 
 def read_neurons(
     path: str | os.PathLike, num_layers: int | None = None, ffn_width: int | None = None
 ) -> Neurons:
     """The selection stored in a neuron bank file, validated against the model when sizes are given."""
-    return bank_to_layer_dict(read_bank_entries(path, num_layers, ffn_width))
+    return bank_to_layer_dict(read_bank(path, num_layers, ffn_width))
 
 
 def random_neurons_like(neurons: Mapping[int, Tensor], ffn_width: int, seed: int = 0) -> Neurons:
