@@ -279,12 +279,12 @@ def test_item_target_directions_follow_the_method(adapter: VLMAdapter, make_imag
     dirs = item_target_directions(adapter, items, idf)
     unembedding = adapter.unembedding().float()
     special = set(adapter.tokenizer.all_special_ids)
-    # caption: the references joined, IDF-weighted over the 4 reference documents
-    ids = adapter.tokenizer(" ".join(refs), add_special_tokens=False)["input_ids"]
-    ids = [t for t in ids if t not in special][:128]
-    assert ids == target_token_ids(adapter.tokenizer, " ".join(refs))
-    documents = [set(target_token_ids(adapter.tokenizer, r, None)) for r in [*refs, "blue sky"]]
-    weights = torch.tensor([math.log(5 / (sum(t in d for d in documents) + 1)) + 1 for t in ids])
+    # caption: the references joined, as teacher forcing feeds them, IDF-weighted over the 2 caption items' token sets
+    encoded = adapter.encode([make_image(seed=0)], ["Describe."], [" ".join(refs)])
+    ids = [t for t in encoded["labels"][0].tolist() if t != -100 and t not in special][:128]
+    assert ids == target_token_ids(adapter, [" ".join(refs)])[0]
+    documents = [set(row) for row in target_token_ids(adapter, [" ".join(refs), "blue sky"], None)]
+    weights = torch.tensor([math.log(3 / (sum(t in d for d in documents) + 1)) + 1 for t in ids])
     expected = (weights[:, None] * unembedding[ids]).sum(0)
     torch.testing.assert_close(dirs[0], expected / expected.norm(), atol=1e-5, rtol=1e-5)
     # retrieval: the answer token the margin uses ("Yes" for the positive, "No" for the negative)
@@ -292,7 +292,7 @@ def test_item_target_directions_follow_the_method(adapter: VLMAdapter, make_imag
     torch.testing.assert_close(dirs[2], unembedding[yes_id] / unembedding[yes_id].norm())
     torch.testing.assert_close(dirs[3], unembedding[no_id] / unembedding[no_id].norm())
     # vqa: unweighted even when an IDF is given
-    vqa_ids = target_token_ids(adapter.tokenizer, QA[0][1])
+    vqa_ids = target_token_ids(adapter, [QA[0][1]])[0]
     plain = unembedding[vqa_ids].sum(0)
     torch.testing.assert_close(dirs[4], plain / plain.norm(), atol=1e-5, rtol=1e-5)
 
@@ -303,18 +303,28 @@ def test_target_tokens_drop_special_tokens_and_keep_at_most_128(adapter: VLMAdap
     tokenizer = adapter.tokenizer
     special = set(tokenizer.all_special_ids)
     eos = tokenizer.all_special_tokens[0]
-    raw = tokenizer(f"red square {eos} blue", add_special_tokens=False)["input_ids"]
+    (raw,) = adapter.emitted_token_ids([f"red square {eos} blue"])
     assert special & set(raw)  # the tokenizer keeps the special token in the text
-    assert target_token_ids(tokenizer, f"red square {eos} blue") == [t for t in raw if t not in special]
+    assert target_token_ids(adapter, [f"red square {eos} blue"]) == [[t for t in raw if t not in special]]
     long_text = " ".join(["red square"] * 100)  # 200 tokens
-    assert len(tokenizer(long_text, add_special_tokens=False)["input_ids"]) > 128
-    assert target_token_ids(tokenizer, long_text) == tokenizer(long_text, add_special_tokens=False)["input_ids"][:128]
+    (long_ids,) = target_token_ids(adapter, [long_text], None)
+    assert len(long_ids) > 128 and target_token_ids(adapter, [long_text]) == [long_ids[:128]]
     # teacher-forcing labels end with the end-of-turn token: it is not part of u_y
     targets = ["two circles", "red"]
     batch = adapter.encode([make_image(seed=0), make_image(seed=1)], ["what?", "which colour?"], targets)
     rows = [[t for t in row if t != -100] for row in batch["labels"].tolist()]
     assert all(row[-1] in special for row in rows)
     assert label_token_ids(batch["labels"], special) == [row[:-1] for row in rows]
+
+
+def test_target_tokens_are_the_tokens_teacher_forcing_feeds(adapter: VLMAdapter, make_image) -> None:
+    """u_y sums the unembeddings of the tokens the model emits: LLaVA answers after a space, and its
+    byte-level BPE gives " MUSIC" another id than "MUSIC" (the target tokenized alone, as u_y once was)."""
+    from hones.attribution.write_in import label_token_ids, target_token_ids
+
+    targets = ["MUSIC", "right", "A dog runs. A cat sits on a mat."]
+    batch = adapter.encode([make_image(seed=k) for k in range(3)], ["what?"] * 3, targets)
+    assert target_token_ids(adapter, targets) == label_token_ids(batch["labels"], adapter.tokenizer.all_special_ids)
 
 
 def test_idf_weights_only_caption_targets(adapter: VLMAdapter, make_image) -> None:
@@ -324,8 +334,8 @@ def test_idf_weights_only_caption_targets(adapter: VLMAdapter, make_image) -> No
     caption = caption_item(make_image, ["a red square on grass", "two circles", "a red square"])
     question = TaskItem(uid="toy:1:vqa", task="vqa", image=make_image(seed=1), prompt="what is there?",
                         target="two red circles on grass", references=["two red circles on grass"])
-    idf = idf_from_items(adapter, [caption, question])
-    ids = target_token_ids(adapter.tokenizer, question.target)
+    idf = idf_from_items(adapter, [caption, caption_item(make_image, ["two circles"], seed=2), question])
+    ids = target_token_ids(adapter, [question.target])[0]
     assert len(set(float(idf[t]) for t in ids)) > 1  # the IDF would change this target's direction
     dirs = item_target_directions(adapter, [caption, question], idf)
     plain = adapter.unembedding().float()[ids].sum(0)

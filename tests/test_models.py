@@ -225,3 +225,25 @@ def test_llava_pads_wide_images_to_a_square_as_llava_1_5_trained(tiny_llava: VLM
         del tiny_llava.pad_to_square  # back to the class default
     assert not torch.equal(cropped, pixels)
     assert tiny_llava.prepare_image(square) is square  # a square image is handed on as it is
+
+
+def test_generate_is_greedy_whatever_the_hub_generation_config(tiny_qwen2_5_vl: VLMAdapter, make_image) -> None:
+    """Qwen2.5-VL-Instruct's generation_config.json sets do_sample, a temperature and repetition_penalty 1.05;
+    transformers fills what generate() leaves unset from it, so a penalty changed greedy answers."""
+    adapter = tiny_qwen2_5_vl
+    batch = adapter.encode(images(make_image), PROMPTS)
+    greedy = adapter.generate(batch, max_new_tokens=8)
+    config = adapter.model.generation_config
+    saved = config.to_dict()
+    config.update(do_sample=True, temperature=0.1, top_k=1, top_p=0.001, repetition_penalty=100.0, no_repeat_ngram_size=1)
+    try:
+        inputs = adapter.model_inputs(batch)
+        stop = adapter.stop_token_ids
+        with torch.no_grad():
+            hub = adapter.model.generate(**inputs, max_new_tokens=8, do_sample=False, num_beams=1, eos_token_id=stop, pad_token_id=adapter.tokenizer.pad_token_id)
+        penalised = [t.strip() for t in adapter.tokenizer.batch_decode(hub[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+        assert penalised != greedy  # the hub settings do change a plain generate() call
+        assert adapter.generate(batch, max_new_tokens=8) == greedy  # ... but not the adapter's
+        assert adapter.model.generation_config is config and config.repetition_penalty == 100.0  # restored
+    finally:
+        config.update(**{k: saved.get(k) for k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size")})

@@ -35,12 +35,13 @@ def target_text(item: Any) -> str:
     return item.target
 
 
-def target_token_ids(tokenizer: Any, text: str, max_tokens: int | None = MAX_TARGET_TOKENS) -> list[int]:
-    """Token ids of ``text`` without special tokens, truncated to ``max_tokens`` (None: all)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    kept = [int(t) for t in ids if int(t) not in special]
-    return kept if max_tokens is None else kept[:max_tokens]
+def target_token_ids(adapter: Any, texts: Sequence[str], max_tokens: int | None = MAX_TARGET_TOKENS) -> list[list[int]]:
+    """Per text, the ids of its tokens as the model emits them after the generation prompt
+    (``adapter.emitted_token_ids``: the tokens teacher forcing trains), special tokens
+    dropped, truncated to ``max_tokens`` (None: all)."""
+    special = set(getattr(adapter.tokenizer, "all_special_ids", []) or [])
+    rows = [[t for t in ids if t not in special] for ids in adapter.emitted_token_ids(list(texts))]
+    return rows if max_tokens is None else [row[:max_tokens] for row in rows]
 
 
 def label_token_ids(labels: Tensor, special_ids: Iterable[int], max_tokens: int = MAX_TARGET_TOKENS) -> list[list[int]]:
@@ -99,19 +100,15 @@ def item_target_directions(
 ) -> Tensor:
     """u_y ``[batch, hidden]`` for TaskItems (HONES_METHOD §3).
 
-    Captions: the references joined, IDF-weighted when ``idf`` is given. Retrieval: the
-    token the model would emit for the item's target ("Yes"/"No", via
-    ``adapter.answer_token_ids``), matching the Yes-No margin. Others: the target text.
+    The tokens are the target's as the model emits them after the generation prompt
+    (``target_token_ids``). Captions: the references joined, IDF-weighted when ``idf`` is
+    given. Retrieval: the first token of the item's answer ("Yes"/"No", as
+    ``adapter.answer_token_ids`` gives it), matching the Yes-No margin. Others: the target.
     """
-    token_ids: list[list[int]] = []
-    answers: dict[str, int] = {}
-    for item in items:
+    token_ids = target_token_ids(adapter, [target_text(item) for item in items], max_tokens)
+    for row, item in zip(token_ids, items):
         if getattr(item, "task", "") == "retrieval":
-            if item.target not in answers:
-                answers[item.target] = int(adapter.answer_token_ids([item.target])[0])
-            token_ids.append([answers[item.target]])
-        else:
-            token_ids.append(target_token_ids(adapter.tokenizer, target_text(item), max_tokens))
+            del row[1:]
     is_caption = torch.tensor([getattr(item, "task", "") == "caption" for item in items])
     unembedding = adapter.unembedding()
     plain = target_directions(unembedding, token_ids)
@@ -177,16 +174,14 @@ def write_in_contributions(
 def idf_from_items(adapter: Any, items: Iterable[Any]) -> Tensor:
     """Caption IDF ``[vocab]`` over the discovery split's caption token sets.
 
-    Each reference caption of each caption item is one document (its token set,
-    special tokens dropped, untruncated) — the convention of
-    ``hones.data.tasks.caption_token_sets``.
+    Each caption item is one document: the token set of its caption target (the references
+    joined), tokenized as u_y takes it (``target_token_ids``: as the model emits it, special
+    tokens dropped; untruncated). The same tokens as u_y's, so every token u_y weights has its
+    own document frequency; a reference tokenized alone would give another id to a word that
+    follows a space in the joined text (byte-level BPE: "A" vs " A").
     """
-    sets = [
-        target_token_ids(adapter.tokenizer, reference, None)
-        for item in items
-        if getattr(item, "task", "") == "caption"
-        for reference in item.references
-    ]
+    captions = [target_text(item) for item in items if getattr(item, "task", "") == "caption"]
+    sets = target_token_ids(adapter, captions, None) if captions else []
     vocab = int(adapter.unembedding().shape[0])
     return caption_idf(sets, vocab)
 

@@ -13,14 +13,15 @@ see `llava.py` and `qwen2_5_vl.py`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 
 IGNORE_INDEX = -100
 
@@ -45,6 +46,23 @@ def to_rgb_image(image: Image.Image | str | Path) -> Image.Image:
         with Image.open(image) as opened:
             return opened.convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+@contextmanager
+def plain_generation_config(model: PreTrainedModel) -> Iterator[None]:
+    """Give ``model`` a default ``GenerationConfig`` for the duration (restored on exit).
+
+    ``generate`` fills every setting its caller leaves unset from ``model.generation_config``,
+    and a hub model's file can carry logits processors that change even a greedy choice:
+    Qwen2.5-VL-Instruct's sets ``repetition_penalty: 1.05``, which would push down every token
+    already in the prompt. With a default config, greedy decoding (§1) is the argmax at each step.
+    """
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -334,31 +352,39 @@ class VLMAdapter:
             raise ValueError("generate() needs a prompt-only batch: call encode() without targets")
         inputs = self.model_inputs(batch)
         stop = self.stop_token_ids
-        output = self.model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=stop,
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stop[0],
-        )
+        with plain_generation_config(self.model):
+            output = self.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                eos_token_id=stop,
+                pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stop[0],
+            )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [text.strip() for text in texts]
 
     # ----------------------------------------------------------------- answers
-    def answer_token_ids(self, answers: Sequence[str]) -> list[int]:
-        """For each answer, the first token the model emits for it right after the
-        generation prompt (e.g. the ids of "Yes" and "No" for the retrieval margin)."""
+    def emitted_token_ids(self, answers: Sequence[str]) -> list[list[int]]:
+        """For each answer, the tokens that follow the generation prompt when the model emits it:
+        ``format_target(answer)`` tokenized in context after a formatted prompt, as teacher forcing
+        feeds it (end-of-turn included). Not the answer tokenized alone: where the model answers
+        after a space (LLaVA's " " prefix), a byte-level BPE gives " MUSIC" another id than "MUSIC"."""
         prompt = self.format_prompt("Answer.")
         prompt_ids = self._raw_ids([prompt])[0]
-        ids = []
+        out = []
         for answer, full in zip(answers, self._raw_ids([prompt + self.format_target(a) for a in answers])):
             start = _common_prefix_length(prompt_ids, full)
             if start >= len(full):
                 raise ValueError(f"answer {answer!r} adds no token after the prompt")
-            ids.append(int(full[start]))
-        return ids
+            out.append([int(t) for t in full[start:]])
+        return out
+
+    def answer_token_ids(self, answers: Sequence[str]) -> list[int]:
+        """For each answer, the first token the model emits for it right after the
+        generation prompt (e.g. the ids of "Yes" and "No" for the retrieval margin)."""
+        return [ids[0] for ids in self.emitted_token_ids(answers)]
 
     def __repr__(self) -> str:
         return (
