@@ -23,9 +23,10 @@ import sys
 import warnings
 from typing import Any
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile
 
 from hones.attribution.settings import AnalyzeConfig
+from hones.cli_parsing import ArgumentParser
 
 STAGE_COMMANDS = {
     "all": "heads and neurons on the discovery split, APE, masking on the test split",
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"analyze.py table: {gap}", file=sys.stderr)
         print(markdown)
         return 0
+    from hones.choices import SettingsError
     from hones.io import OutputError
     from hones.models.registry import ModelError
 
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{command}: {error}")
     try:
         outcomes = run_analysis(config, command)
-    except (AnalysisError, BankError, DataError, ModelError, OutputError) as error:
+    except (AnalysisError, BankError, DataError, ModelError, OutputError, SettingsError) as error:
         print(f"analyze.py {command}: {error}", file=sys.stderr)
         return 2
     pending = [o for o in outcomes if o.status == "pending"]

@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> EvalCLI:
     from hones.evaluation import EvalModule
 
     from hones.attribution.bank import BankError
+    from hones.choices import SettingsError
     from hones.data.errors import DataError
     from hones.io import OutputError
     from hones.models.registry import ModelError
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> EvalCLI:
     try:
         with sigterm_exit_status():  # a SIGTERM stop exits 143, not 0
             cli = EvalCLI(EvalModule, HonesDataModule, args=args, save_config_kwargs={"overwrite": True})
-    except (BankError, DataError, ModelError, OutputError) as error:  # bad data, scales, model or output folder: one line
+    except (BankError, DataError, ModelError, OutputError, SettingsError) as error:  # bad data, scales, model, settings or output folder: one line
         sys.exit(f"evaluate.py: {error}")
     line = _summary(cli.model)
     if line is not None and cli.trainer.is_global_zero:

@@ -21,6 +21,7 @@ import warnings
 
 from hones.attribution.bank import BankError
 from hones.attribution.run_state import AnalysisError
+from hones.choices import SettingsError
 from hones.data.errors import DataError
 from hones.data.resumable import LoaderLayoutError
 from hones.io import OutputError
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
 
             # a run without a logger writes config.yaml to the working folder: let the next one overwrite it
             SteeringCLI(SteeringModule, HonesDataModule, args=argv, save_config_kwargs={"overwrite": True})
-    except (BankError, DataError, ModelError, OutputError, ResumeSettingsError) as error:
+    except (BankError, DataError, ModelError, OutputError, ResumeSettingsError, SettingsError) as error:
         sys.exit(f"train.py: {error}")
     except LoaderLayoutError as error:  # e.g. requeued onto another GPU count under devices: auto
         sys.exit(f"train.py: {error} (the --ckpt_path given, else <model.output_dir>/checkpoints/last.ckpt, which fit resumes by itself)")

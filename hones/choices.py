@@ -16,4 +16,29 @@ METRIC_MODES: tuple[str, ...] = get_args(MetricMode)
 DTYPE_NAMES: tuple[str, ...] = get_args(DType)
 UTILITIES: tuple[str, ...] = get_args(Utility)
 
-__all__ = ["DTYPE_NAMES", "DType", "METRIC_MODES", "MetricMode", "TASKS", "Task", "UTILITIES", "Utility"]
+
+
+class SettingsError(ValueError):
+    """A setting that cannot work (a bound, a combination); ``str(err)`` is one line naming the
+    setting. Every entry point prints it as one line, before a model is loaded."""
+
+
+def check_limit(name: str, value: int | None) -> int | None:
+    """``value`` when it is a count limit (>= 1) or None (no limit); otherwise a SettingsError naming ``name``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise SettingsError(f"{name} must be >= 1 or null (the whole split); got {value!r}")
+    return value
+
+
+__all__ = [
+    "DTYPE_NAMES",
+    "DType",
+    "METRIC_MODES",
+    "MetricMode",
+    "SettingsError",
+    "TASKS",
+    "Task",
+    "UTILITIES",
+    "Utility",
+    "check_limit",
+]

@@ -37,7 +37,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from hones import io
 from hones.adapter_host import AdapterHost, trainer_datamodule
 from hones.attribution.settings import model_identity
-from hones.choices import METRIC_MODES, TASKS, DType, MetricMode, Task
+from hones.choices import METRIC_MODES, TASKS, DType, MetricMode, SettingsError, Task
 from hones.metrics import build_metric, group_ids, postprocess_generation
 from hones.prediction_journal import PredictionJournal
 from hones.run_defaults import stage_loaders
@@ -101,7 +101,7 @@ class TaskScorer:
 
     def __init__(self, task: str, max_new_tokens: int = 24) -> None:
         if task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+            raise SettingsError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
         self.task = task
         self.max_new_tokens = max_new_tokens
 
@@ -309,7 +309,7 @@ class EvalModule(AdapterHost, EpochScoring, L.LightningModule):
     ) -> None:
         super().__init__()
         if metric_mode not in METRIC_MODES:
-            raise ValueError(f"metric_mode must be one of {METRIC_MODES}; got {metric_mode!r}")
+            raise SettingsError(f"metric_mode must be one of {METRIC_MODES}; got {metric_mode!r}")
         self.save_hyperparameters(ignore=["adapter_factory"])
         self.scorer = TaskScorer(task, max_new_tokens)
         self.metrics = nn.ModuleDict({mode: build_metric(task, mode) for mode in METRIC_MODES})

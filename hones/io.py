@@ -74,6 +74,12 @@ class OutputError(ValueError):
     """An output folder that cannot be created or written (one line naming it)."""
 
 
+def limited_name(stem: str, limit: int | None, suffix: str = ".json") -> str:
+    """``<stem><suffix>`` for a result on a whole split, ``<stem>_limit<N><suffix>`` for one on its
+    first ``limit`` items: a quick limited rerun does not overwrite the whole split's file."""
+    return f"{stem}{suffix}" if limit is None else f"{stem}_limit{limit}{suffix}"
+
+
 def make_output_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` (and its parents) and check that files can be written in it, before a
     long run whose results would otherwise be lost at the first write; ``OutputError`` if not."""

@@ -19,6 +19,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 
+from hones.cli_parsing import LightningParser
 from hones.heap import HeapTrim
 from hones.progress import log_progress_bar
 from hones.sigterm import StopOnSigterm
@@ -72,7 +73,12 @@ def default_callbacks(callbacks: Sequence[Any] | None, enable_progress_bar: bool
 
 
 class HonesCLI(LightningCLI):
-    """``LightningCLI`` whose Trainer also gets ``default_callbacks``."""
+    """``LightningCLI`` whose Trainer also gets ``default_callbacks``, and whose parse errors are
+    one line (``hones.cli_parsing.LightningParser``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("parser_class", LightningParser)
+        super().__init__(*args, **kwargs)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The usual Trainer, plus ``default_callbacks``."""

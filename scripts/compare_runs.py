@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hones import io  # noqa: E402
 from hones.attribution.bank import BankEntry, read_bank  # noqa: E402
+from hones.attribution.reports import read_masking_report  # noqa: E402
 
 
 def head_order(run: Path) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -111,7 +112,7 @@ def compare_task(a: Path, b: Path, rtol: float) -> bool:
         ok &= same
         print(f"  {name}: {verdict}")
     if (a / "masking.json").is_file() and (b / "masking.json").is_file():
-        ma, mb = io.read_json(a / "masking.json"), io.read_json(b / "masking.json")
+        ma, mb = read_masking_report(a / "masking.json"), read_masking_report(b / "masking.json")
         if ma == mb:
             print("  masking.json: identical")
         else:

@@ -9,8 +9,8 @@ bound: masking effects do not add up (masking every layer can remove less than m
     python scripts/ffn_dependence.py --config configs/analyze/toy_llava.yaml --task ocr
     python scripts/ffn_dependence.py --config configs/analyze/toy_llava.yaml --task retrieval --test.limit 100
 
-Writes ``<output_root>/<model_name>/<task>/ffn_dependence.json`` (nothing else in the run
-changes) and prints one line per mask.
+Writes ``<output_root>/<model_name>/<task>/ffn_dependence.json`` (with ``--test.limit N``,
+``ffn_dependence_limitN.json``; nothing else in the run changes) and prints one line per mask.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         "base": results["base"],
         "masks": results["banks"],
     }
-    out = run.run_dir / "ffn_dependence.json"
+    out = run.run_dir / io.limited_name("ffn_dependence", config.test.limit)
     io.write_json(out, summary)
     for name, row in summary["masks"].items():
         drop = row.get("relative_drop")

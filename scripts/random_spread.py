@@ -112,14 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     run = finished_neurons_run(parser, parsed, "random_spread.py")  # the bank must come from these very settings
     if run is None:
         return 2
-    out_name = "random_spread.json"
+    out_stem = "random_spread"
     if parsed.test_world:
         try:
             run.config = with_test_world(run.config, parsed.test_world)
         except ValueError as error:
             print(f"random_spread.py: {error}", file=sys.stderr)
             return 2
-        out_name = f"random_spread_{Path(parsed.test_world).name}.json"
+        out_stem = f"random_spread_{Path(parsed.test_world).name}"
     config, task, adapter = run.config, run.task, run.module.adapter
     hones_bank = read_bank(run.run_dir / "bank_hones.json", adapter.num_layers, adapter.ffn_width)
     banks = {"hones": hones_bank, **run.random_draws(hones_bank, parsed.draws)}
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": config.neurons.baseline_seed, "masked": masked,
             "relative_drop": relative_drop(base, masked),
         }  # fmt: skip
-    io.write_json(run.run_dir / out_name, summary)
+    out = io.write_json(run.run_dir / io.limited_name(out_stem, config.test.limit), summary)
     rnd = summary["random"]
 
     def percent(value: float | None) -> str:
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{config.name()}/{task}: base {summary['base']:.4f}; HONES {summary['hones']['masked']:.4f} "
         f"({percent(summary['hones']['relative_drop'])}% drop); random {rnd['mean_masked']:.4f} ± {rnd['sd_masked']:.4f} "
         f"({percent(rnd['mean_relative_drop'])} ± {percent(rnd['sd_relative_drop'])}% drop, {len(draws)} draws); "
-        f"HONES drops more than {summary['hones_beats']} of {len(draws)} draws ({summary['ties']} ties) -> {run.run_dir / out_name}"
+        f"HONES drops more than {summary['hones_beats']} of {len(draws)} draws ({summary['ties']} ties) -> {out}"
     )
     return 0
 

@@ -6,7 +6,8 @@ and measures, on the toy world's (or any unified-COCO) test split, the teacher-f
 score with and without them: for vqa / ocr / caption the mean log-probability of the
 target tokens (nats; caption: the item's one seeded reference), for retrieval the margin
 gap (mean logit(Yes) − logit(No) of the positives minus that of the negatives, 1 + 49
-candidates per image). It writes ``<compare_dir>/test_likelihood.json``.
+candidates per image). It writes ``<compare_dir>/test_likelihood.json`` (with ``--limit N``,
+``test_likelihood_limitN.json``).
 
     python scripts/steering_test_likelihood.py --model models/toy-llava --task vqa \\
         --compare_dir runs/steering/toy-llava/vqa/compare
@@ -56,13 +57,21 @@ def teacher_forced_score(adapter: Any, items: Sequence[Any], task: str, batch_si
     return float(margin_gap(scores, torch.tensor(labels) == 1))
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="steering_test_likelihood.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="the model the scales were learned on (local directory)")
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--compare_dir", required=True, type=Path, help="a train.py compare output folder")
     parser.add_argument("--world", default="toyworld_data", type=Path, help="unified COCO folder: coco/unified.json, coco/images, splits/test.json")
-    parser.add_argument("--limit", type=int, default=None, help="test images (default all)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="test images (default all)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help="methods whose scales to read (missing ones are reported)")
     parser.add_argument("--batch_size", type=int, default=32)
     args = parser.parse_args(argv)
@@ -84,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     measure = teacher_forced_measure(args.task)
     summary = {"model": args.model, "task": args.task, "split": "test", "num_items": len(items), "limit": args.limit,
                "measure": measure, "base": base, "methods": rows, "missing_methods": missing}  # fmt: skip
-    out = io.write_json(args.compare_dir / "test_likelihood.json", summary)
+    out = io.write_json(args.compare_dir / io.limited_name("test_likelihood", args.limit), summary)
     changes = ", ".join(f"{m} {row['change']:+.4f}" for m, row in rows.items())
     skipped = f" (no scales for {', '.join(missing)})" if missing else ""
     print(f"{args.task}: {measure} on {len(items)} test items, base {base:.4f}; change with scales: {changes}{skipped} -> {out}")

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         mean, sd = mean_and_sd(drops)
         summary["random_draws"] = {"num_draws": len(drops), "mean_score_drop": mean, "sd_score_drop": sd,
                                    "hones_beats": sum(rows["hones"]["score_drop"] > d for d in drops)}  # fmt: skip
-    path = io.write_json(run.run_dir / "teacher_forced_masking.json", summary)
+    path = io.write_json(run.run_dir / io.limited_name("teacher_forced_masking", config.test.limit), summary)
     print(f"{config.name()}/{task}: metric base {results['base']:.4f}; {scored['measure']} base {scored['base']:.4f}")
     for name, row in rows.items():
         relative = row["metric_relative_drop"]

@@ -691,6 +691,11 @@ def test_ffn_dependence_script(
         assert row["num_neurons"] == (layers * width if name == "all_layers" else width), name
         assert row["relative_drop"] == pytest.approx(100 * (result["base"] - row["masked"]) / abs(result["base"]))
     assert "all_layers (" in capsys.readouterr().out
+    before = (out / "tiny" / "retrieval" / "ffn_dependence.json").read_bytes()
+    assert script.main([*args, "--test.limit", "1"]) == 0  # a quick limited rerun: its own file
+    limited = json.loads((out / "tiny" / "retrieval" / "ffn_dependence_limit1.json").read_text())
+    assert limited["test_limit"] == 1 and limited["num_items"] < result["num_items"]
+    assert (out / "tiny" / "retrieval" / "ffn_dependence.json").read_bytes() == before
 
 
 def test_every_neuron_bank_script(model_dir: Path, tiny_llava: VLMAdapter, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -282,6 +282,21 @@ def test_callbacks_explain_a_missing_adapter() -> None:
         HeadLocalizationCallback(stages=("fit",))
 
 
+def test_callbacks_refuse_a_model_spread_over_devices(tiny_llava: VLMAdapter) -> None:
+    """With device_map sharding, write-in scoring would mix tensors of several GPUs (a device-mismatch traceback)."""
+    module = L.LightningModule()
+    module.adapter = tiny_llava
+    assert resolve_adapter(module) is tiny_llava
+    tiny_llava.model.hf_device_map = {"model.language_model.layers.0": 0, "model.language_model.layers.1": 1}
+    try:
+        with pytest.raises(ValueError, match="device_map spreads it over 0, 1: load it without device_map"):
+            resolve_adapter(module)
+        tiny_llava.model.hf_device_map = {"": 0}  # the whole model on one device: fine
+        assert resolve_adapter(module) is tiny_llava
+    finally:
+        del tiny_llava.model.hf_device_map
+
+
 def test_metric_utility_with_agreement_inside_fit(tiny_llava: VLMAdapter, make_image, tmp_path: Path) -> None:
     """utility="metric" + teacher-forced agreement, in validation inside fit: sanity check skipped."""
     items = make_items(make_image)[:2]

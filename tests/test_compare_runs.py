@@ -48,7 +48,7 @@ def test_differences_are_named_and_fail_check(tmp_path: Path, capsys: pytest.Cap
     assert "masking hones: masked 0.6000 vs 0.5500 (B-A -0.0500)" in out
     assert compare_runs.main([str(a), str(b), "--check", "--rtol", "0.02"]) == 1  # the bank still differs
     capsys.readouterr()
-    io.write_json(b / "vqa" / "masking.json", {"methods": {"hones": {"masked": 0.55}, "random": {"masked": 0.7}}})
+    io.write_json(b / "vqa" / "masking.json", {"methods": {"hones": {"base": 0.7, "masked": 0.55}, "random": {"base": 0.7, "masked": 0.7}}})
     compare_runs.main([str(a), str(b)])
     assert "masking random: in B only" in capsys.readouterr().out
 
@@ -69,3 +69,14 @@ def test_malformed_file_is_a_one_line_error(tmp_path: Path, capsys: pytest.Captu
     assert exited.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "bank_hones.json" in err and "'neuron'" in err
+
+
+def test_a_masking_json_of_wrong_types_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = write_run(tmp_path / "a", torch.ones(2, 4), [(0, 0, 1.0)], 0.6)
+    b = write_run(tmp_path / "b", torch.ones(2, 4), [(0, 0, 1.0)], 0.6)
+    io.write_json(b / "vqa" / "masking.json", {"methods": {"hones": {"base": 0.7, "masked": None}}})
+    with pytest.raises(SystemExit) as exited:
+        compare_runs.main([str(a), str(b)])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "masking.json: methods.hones.masked must be a number, got None" in err

@@ -145,6 +145,23 @@ def test_textvqa_sample(cache: Path) -> None:
 
 
 @needs_samples
+def test_textvqa_target_is_the_first_reference(cache: Path) -> None:
+    """Paper-mode ANLS scores against the first reference: that must be the target the model is
+    trained toward (the majority answer), not annotator 1's answer (different on 78 of the 300 sample questions)."""
+    from hones.metrics import anls
+
+    raw = {str(row["question_id"]): row["answers"] for row in json.loads(TEXTVQA_SAMPLE.read_text())["data"]}
+    records = load_textvqa(TEXTVQA_SAMPLE, cache_dir=cache)
+    moved = 0
+    for record in records:
+        answers = raw[record.qa.question_id]
+        assert record.qa.answers[0] == record.qa.answer and sorted(record.qa.answers) == sorted(a.strip() for a in answers)
+        assert anls(record.qa.answer, record.qa.answers, "paper") == 1.0
+        moved += answers[0].strip() != record.qa.answer
+    assert moved > 0
+
+
+@needs_samples
 def test_loads_with_hf_offline(tmp_path: Path) -> None:
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     code = (

@@ -64,3 +64,9 @@ def test_an_output_folder_that_cannot_be_written_is_named(tmp_path: Path) -> Non
     with pytest.raises(io.OutputError, match=rf"{taken / 'runs'}: cannot write results there"):
         io.make_output_dir(taken / "runs")
     assert io.make_output_dir(tmp_path / "new" / "runs").is_dir() and not list((tmp_path / "new" / "runs").iterdir())
+
+
+def test_limited_names() -> None:
+    assert io.limited_name("ffn_dependence", None) == "ffn_dependence.json"
+    assert io.limited_name("ffn_dependence", 100) == "ffn_dependence_limit100.json"
+    assert io.limited_name("x", 3, ".md") == "x_limit3.md"

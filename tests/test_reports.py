@@ -46,3 +46,25 @@ def test_malformed_masking_json_is_one_line(tmp_path: Path, capsys: pytest.Captu
     assert analyze.main(["table", "--runs", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("analyze.py table: ") and "vqa/masking.json: malformed JSON" in err
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        ({"methods": ["hones"]}, "field 'methods' must be an object"),
+        ({"methods": {"hones": None}}, "methods.hones must be an object"),
+        ({"methods": {"hones": {"base": 0.5, "relative_drop": "2%"}}}, "methods.hones.relative_drop must be a number or null, got '2%'"),
+        ({"methods": {"hones": {"relative_drop": 2.0}}}, "methods.hones.base must be a number, got None"),
+        ({"methods": {"hones": {"base": 0.5, "masked": None}}}, "methods.hones.masked must be a number, got None"),
+        ({"methods": {"hones": {"base": 0.5, "num_neurons": 1.5}}}, "methods.hones.num_neurons must be an integer"),
+    ],
+)
+def test_a_masking_json_of_wrong_types_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: dict, named: str) -> None:
+    """A hand-edited masking.json used to end the table in a traceback (TypeError / AttributeError)."""
+    import analyze
+
+    (tmp_path / "vqa").mkdir()
+    (tmp_path / "vqa" / "masking.json").write_text(json.dumps({"metric": "m", **edit}))
+    assert analyze.main(["table", "--runs", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "vqa/masking.json: " in err and named in err

@@ -52,7 +52,7 @@ from hones.analysis.overlap import (
 from hones.analysis.report import AnalysisReport
 from hones.attribution.bank import BankEntry, BankError, bank_to_layer_dict, read_bank
 from hones.attribution.settings import make_datamodule
-from hones.choices import TASKS, DType, MetricMode
+from hones.choices import TASKS, DType, MetricMode, SettingsError
 
 logger = logging.getLogger("hones.analysis")
 
@@ -352,7 +352,9 @@ def _finite(obj: Any) -> Any:
 # -- CLI ------------------------------------------------------------------------------------
 def build_parser() -> Any:
     """The jsonargparse parser of :func:`run_cross_task_analysis` (``--config`` YAML + flags)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile
+
+    from hones.cli_parsing import ArgumentParser
 
     parser = ArgumentParser(
         prog="python -m hones.analysis.run",
@@ -383,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         summary = run_from_namespace(parser, config)
-    except (BankError, DataError, ModelError, io.OutputError) as error:  # bad data, banks or model folder: named, in one line
+    except (BankError, DataError, ModelError, SettingsError, io.OutputError) as error:  # bad data, banks or model folder: named, in one line
         print(f"hones.analysis.run: {error}", file=sys.stderr)
         return 2
     print(f"wrote {len(summary['figures'])} figures and {len(summary['tables'])} tables")

@@ -71,16 +71,29 @@ _HOOK_STAGE = {"validation": "validate", "test": "test", "predict": "predict"}
 
 
 def resolve_adapter(pl_module: L.LightningModule, adapter_factory: AdapterFactory | None = None) -> Any:
-    """The module's VLMAdapter: ``adapter_factory(pl_module)`` if given, else ``pl_module.adapter``."""
-    if adapter_factory is not None:
-        return adapter_factory(pl_module)
-    adapter = getattr(pl_module, "adapter", None)
+    """The module's VLMAdapter: ``adapter_factory(pl_module)`` if given, else ``pl_module.adapter``
+    (on one device: see :func:`check_one_device`)."""
+    adapter = adapter_factory(pl_module) if adapter_factory is not None else getattr(pl_module, "adapter", None)
     if adapter is None:
         raise AttributeError(
             f"{type(pl_module).__name__} has no `.adapter`; expose the VLMAdapter as `adapter` "
             "or pass adapter_factory=... to the callback"
         )
+    check_one_device(adapter)
     return adapter
+
+
+def check_one_device(adapter: Any) -> None:
+    """A one-line ValueError when the model is spread over several devices (``device_map``): the
+    attribution passes combine every layer's weights and activations in one tensor, and one
+    process per GPU (DDP) is how they scale."""
+    placed = getattr(getattr(adapter, "model", None), "hf_device_map", None) or {}
+    devices = sorted({str(device) for device in placed.values()})
+    if len(devices) > 1:
+        raise ValueError(
+            f"the attribution callbacks need the model on one device; its device_map spreads it over {', '.join(devices)}: "
+            "load it without device_map and run one process per GPU (DDP, docs/distributed.md)"
+        )
 
 
 def _finite_or_none(value: float) -> float | None:

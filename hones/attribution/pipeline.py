@@ -105,7 +105,9 @@ def run_script_parser(prog: str, description: str) -> Any:
     """The ``jsonargparse`` parser of a script that works on one analyze run: ``--config``
     (an analyze YAML) and every ``AnalyzeConfig`` field, as ``analyze.py`` takes them, less
     ``overwrite`` (a script reads a finished run; ``analyze.py`` recomputes one)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile
+
+    from hones.cli_parsing import ArgumentParser
 
     parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", action=ActionConfigFile, help="the analyze YAML config of the run (configs/analyze/*.yaml)")

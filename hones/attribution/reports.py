@@ -92,12 +92,42 @@ def write_masking_report(run_dir: str | os.PathLike, report: Mapping[str, Any]) 
 
 
 # -- the cross-task table -------------------------------------------------------------------
+ROW_NUMBERS = {"base": False, "masked": False, "drop": True, "relative_drop": True}  # field -> may be null (where present)
+
+
+def read_masking_report(path: str | os.PathLike) -> dict[str, Any]:
+    """A ``masking.json``'s content, checked: a one-line ValueError names the file, the method and
+    the field that is not what ``write_masking_report`` writes: ``methods`` a mapping of rows, each
+    with a number ``base``; where present, ``masked`` a number, ``drop`` / ``relative_drop`` numbers
+    or null, ``num_neurons`` an integer."""
+    report = io.read_json(path)
+    if not isinstance(report, dict):
+        raise ValueError(f"{path}: expected a JSON object (a masking report), got {type(report).__name__}")
+    methods = report.get("methods")
+    if not isinstance(methods, dict):
+        raise ValueError(f"{path}: field 'methods' must be an object of method -> row, got {type(methods).__name__}")
+    for method, row in methods.items():
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: methods.{method} must be an object, got {type(row).__name__}")
+        for field, nullable in ROW_NUMBERS.items():
+            if field not in row and field != "base":
+                continue
+            value = row.get(field)
+            if (value is None and nullable) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+                continue
+            raise ValueError(f"{path}: methods.{method}.{field} must be a number{' or null' if nullable else ''}, got {value!r}")
+        neurons = row.get("num_neurons")
+        if neurons is not None and (isinstance(neurons, bool) or not isinstance(neurons, int)):
+            raise ValueError(f"{path}: methods.{method}.num_neurons must be an integer, got {neurons!r}")
+    return report
+
+
 def collect_masking(runs_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """task -> ``masking.json`` content for every ``<runs_dir>/<task>/masking.json`` (tasks in §1 order)."""
     root = Path(runs_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such run folder (expected <output_root>/<model_name>)")
-    found = {task: io.read_json(root / task / "masking.json") for task in TASKS if (root / task / "masking.json").is_file()}
+    found = {task: read_masking_report(root / task / "masking.json") for task in TASKS if (root / task / "masking.json").is_file()}
     if not found:
         models = sorted(p.parent.parent.name for p in root.glob("*/*/masking.json") if p.parent.name in TASKS)
         if models:  # the output root, not one model's folder

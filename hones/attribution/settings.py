@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hones.choices import TASKS, DType, MetricMode, Utility
+from hones.choices import TASKS, DType, MetricMode, SettingsError, Utility, check_limit
 from hones.io import file_digest
 
 if TYPE_CHECKING:
@@ -245,7 +245,7 @@ class AnalyzeConfig:
             chosen = list(self.tasks)
         unknown = [t for t in chosen if t not in TASKS]
         if unknown or not chosen:
-            raise ValueError(f"tasks must be among {', '.join(TASKS)}; got {chosen or 'none'}")
+            raise SettingsError(f"tasks must be among {', '.join(TASKS)}; got {chosen or 'none'}")
         return list(dict.fromkeys(chosen))
 
     def name(self) -> str:
@@ -257,26 +257,25 @@ class AnalyzeConfig:
         return Path(self.output_root) / self.name() / task
 
     def validate(self) -> None:
-        """One-line ValueErrors for settings that cannot work."""
+        """One-line SettingsErrors for settings that cannot work."""
         self.task_list()
         unknown = [m for m in self.masking.methods if m not in METHODS]
         if unknown:
-            raise ValueError(f"masking.methods must be among {', '.join(METHODS)}; got {unknown}")
+            raise SettingsError(f"masking.methods must be among {', '.join(METHODS)}; got {unknown}")
         if "grad_x_act" in self.masking.methods and not self.neurons.gradient_baseline:
-            raise ValueError("masking.methods has grad_x_act but neurons.gradient_baseline is false")
+            raise SettingsError("masking.methods has grad_x_act but neurons.gradient_baseline is false")
         if not 0 < self.neurons.top_ratio <= 1:
-            raise ValueError(f"neurons.top_ratio must be in (0, 1]; got {self.neurons.top_ratio}")
+            raise SettingsError(f"neurons.top_ratio must be in (0, 1]; got {self.neurons.top_ratio}")
         if self.heads.top_k is not None and self.heads.top_k < 1:
-            raise ValueError(f"heads.top_k must be >= 1 or null; got {self.heads.top_k}")
+            raise SettingsError(f"heads.top_k must be >= 1 or null; got {self.heads.top_k}")
         if self.heads.retrieval_negatives is not None and self.heads.retrieval_negatives < 0:
-            raise ValueError("heads.retrieval_negatives must be >= 0 or null")
+            raise SettingsError("heads.retrieval_negatives must be >= 0 or null")
         if self.checkpoint_every_n_batches < 0:
-            raise ValueError("checkpoint_every_n_batches must be >= 0")
+            raise SettingsError("checkpoint_every_n_batches must be >= 0")
         for name, split in (("discovery", self.discovery), ("test", self.test)):
             if split.retrieval_negatives < 0:
-                raise ValueError(f"{name}.retrieval_negatives must be >= 0")
-            if split.limit is not None and split.limit < 1:
-                raise ValueError(f"{name}.limit must be >= 1 or null (the whole split); got {split.limit}")
+                raise SettingsError(f"{name}.retrieval_negatives must be >= 0")
+            check_limit(f"{name}.limit", split.limit)
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting as JSON-able data (recorded in ``state.json``)."""

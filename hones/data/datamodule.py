@@ -30,7 +30,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
-from hones.choices import Task
+from hones.choices import SettingsError, Task, check_limit
 from hones.data.errors import SkipReport
 from hones.data.formats import DATASETS, load_records
 from hones.data.records import SourceRecord, TaskItem, load_image
@@ -89,7 +89,7 @@ def distributed_world() -> tuple[int, int]:
 def evaluation_sampler(dataset: Dataset[Any]) -> Sampler[int] | None:
     """The sampler of an evaluation loader: unrepeated sharding across processes, else None (in order).
 
-    Raises ``ValueError`` when there are fewer items than processes: a process without a
+    Raises ``SettingsError`` when there are fewer items than processes: a process without a
     batch would skip the epoch-end synchronisation and leave the others waiting.
     """
     world_size, rank = distributed_world()
@@ -97,7 +97,7 @@ def evaluation_sampler(dataset: Dataset[Any]) -> Sampler[int] | None:
         return None
     size = len(dataset)  # type: ignore[arg-type]
     if size < world_size:
-        raise ValueError(
+        raise SettingsError(
             f"{size} evaluation item(s) for {world_size} processes: every process needs at least one item "
             "(use fewer processes or more items)"
         )
@@ -171,15 +171,14 @@ class HonesDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+            raise SettingsError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
         if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+            raise SettingsError(f"unknown task {task!r}; expected one of {TASKS}")
         if source_split is not None and dataset != "flickr30k":
-            raise ValueError("source_split applies to flickr30k only")
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit must be >= 1 or null (the whole split); got {limit}")
+            raise SettingsError("source_split applies to flickr30k only")
+        check_limit("data.limit", limit)
         if toy_world is not None and "dir" not in toy_world:
-            raise ValueError("toy_world needs a 'dir' entry (the toy world folder), e.g. {dir: toyworld_data}")
+            raise SettingsError("toy_world needs a 'dir' entry (the toy world folder), e.g. {dir: toyworld_data}")
         self.save_hyperparameters()
         self.training = split == "train" if training is None else training
         self.with_targets = self.training if with_targets is None else with_targets

@@ -298,6 +298,16 @@ def majority_answer(answers: Sequence[str]) -> str:
     return max(answers, key=lambda a: (counts[a], -answers.index(a)))
 
 
+def majority_first(answers: Sequence[str]) -> list[str]:
+    """``answers`` with one occurrence of the majority answer moved to the front (the others in
+    order, none dropped): the first reference is the item's target, which paper-mode ANLS
+    scores against (docs/metrics.md); VQA accuracy counts matches, so the order is moot there."""
+    target = majority_answer(answers)
+    rest = list(answers)
+    rest.remove(target)
+    return [target, *rest]
+
+
 @dataclass
 class _Parsed:
     index: int
@@ -634,7 +644,8 @@ def load_textvqa(
     cache_dir: PathLike | None = None,
     skips: SkipReport | None = None,
 ) -> list[SourceRecord]:
-    """Load a TextVQA release JSON (one record per question; target = the majority answer)."""
+    """Load a TextVQA release JSON (one record per question; target = the majority answer, also
+    the first of the references, followed by the other answers in file order)."""
     path = Path(path)
     rows = read_json_rows(path, "data", cache_dir)
 
@@ -644,7 +655,7 @@ def load_textvqa(
         image_id = item.set_image_id(raw.get("image_id"), "image_id")
         question = item.text(raw.get("question"), "question")
         answers = item.texts(raw.get("answers"), "answers")
-        return image_id, QAPair(question_id, question, majority_answer(answers), answers)
+        return image_id, QAPair(question_id, question, majority_answer(answers), majority_first(answers))
 
     labelled = ((i, f"#{i}", row, None) for i, row in enumerate(rows))
     return _load_questions(

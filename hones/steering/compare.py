@@ -51,6 +51,7 @@ from hones import io
 from hones.attribution.pipeline import is_global_zero
 from hones.attribution.run_state import AnalysisError, RunState
 from hones.attribution.settings import matches_stored, model_identity
+from hones.choices import SettingsError, check_limit
 from hones.data.datamodule import HonesDataModule
 from hones.data.formats import check_disjoint_splits
 from hones.run_defaults import default_callbacks
@@ -105,16 +106,21 @@ class Comparison:
         self.model_args.pop("adapter_factory", None)
         self.data_args = plain(self.config.data)
         if self.settings.get("test_split_file") is None:
-            raise ValueError("compare.test_split_file is required: the methods are compared on the test split (§5)")
+            raise SettingsError("compare.test_split_file is required: the methods are compared on the test split (§5)")
         check_disjoint_splits({"dev": self.dev_split_file(), "test": self.settings["test_split_file"]})
+        for key in ("dev_limit", "test_limit"):
+            check_limit(f"compare.{key}", self.settings.get(key))
+        check_limit("compare.ood.limit", (self.settings.get("ood") or {}).get("limit"))
+        if (self.settings.get("checkpoint_every_n_steps") or 0) < 0:
+            raise SettingsError(f"compare.checkpoint_every_n_steps must be >= 0; got {self.settings['checkpoint_every_n_steps']}")
         factors = self.settings.get("grid_factors") or []
         if not factors or any(not isinstance(f, (int, float)) or isinstance(f, bool) or f <= 0 for f in factors):
-            raise ValueError(f"compare.grid_factors must be a non-empty list of positive factors; got {factors!r}")
+            raise SettingsError(f"compare.grid_factors must be a non-empty list of positive factors; got {factors!r}")
         self.grid_factors = tuple(float(f) for f in factors)
         if self.model_args.get("scales") is not None:
             clash = [name for name in self.settings["methods"] if name in SCALES_CLASH]
             if clash:
-                raise ValueError(
+                raise SettingsError(
                     f"model.scales ({self.model_args['scales']}) sets the scaled neurons and their scales, which "
                     f"{', '.join(clash)} would choose themselves; drop model.scales or those methods"
                 )
@@ -310,7 +316,7 @@ class Comparison:
     def run(self) -> dict[str, Any]:
         settings = self.settings
         dev_split = self.dev_split_file()
-        dev_limit = settings.get("dev_limit") or self.data_args.get("limit")
+        dev_limit = self.data_args.get("limit") if settings.get("dev_limit") is None else settings["dev_limit"]
         dev_train = self.datamodule(split="dev", split_file=dev_split, training=True)
         dev_eval = self.datamodule(split="dev", split_file=dev_split, training=False, limit=dev_limit)
         test = self.datamodule(
@@ -426,5 +432,5 @@ if __name__ == "__main__":
 
     try:
         main()
-    except (BankError, AnalysisError) as error:
+    except (BankError, AnalysisError, SettingsError) as error:
         sys.exit(f"hones.steering.compare: {error}")

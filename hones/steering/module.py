@@ -38,10 +38,12 @@ import torch
 from torch import nn
 
 from hones import io
-from hones.choices import DType, MetricMode, Task
+from hones.choices import DType, MetricMode, SettingsError, Task
 from hones.adapter_host import AdapterHost
 from hones.attribution.batches import batch_size, ensure_prompt_only, ensure_targets
 from hones.attribution.bank import BankError, read_bank
+from hones.attribution.provenance import check_bank_model
+from hones.attribution.settings import model_identity
 from hones.evaluation import METRIC_MODES, EpochScoring, TaskScorer, skipped_items, summarize_epoch
 from hones.interventions import NeuronScaler, scale_neurons
 from hones.metrics import build_metric
@@ -80,7 +82,7 @@ def lazy_cosine_decay(total_steps: Callable[[], float], floor: float = DEFAULT_M
         if not length:
             total = total_steps()
             if not math.isfinite(total):
-                raise ValueError("set trainer max_epochs or max_steps: the cosine schedule needs a length")
+                raise SettingsError("set trainer max_epochs or max_steps: the cosine schedule needs a length")
             length.append(int(total))
         return cosine_decay_factor(step, length[0], floor)
 
@@ -145,19 +147,20 @@ class SteeringModule(AdapterHost, EpochScoring, L.LightningModule):
     ) -> None:
         super().__init__()
         if metric_mode not in METRIC_MODES:
-            raise ValueError(f"metric_mode must be one of {METRIC_MODES}; got {metric_mode!r}")
+            raise SettingsError(f"metric_mode must be one of {METRIC_MODES}; got {metric_mode!r}")
         if steer and bank is None and scales is None:
-            raise ValueError("steering needs a neuron `bank` (or learned `scales`); use steer=False for the base model")
+            raise SettingsError("steering needs a neuron `bank` (or learned `scales`); use steer=False for the base model")
         if beta < 0 or l2_weight < 0 or scale_bound <= 0:
-            raise ValueError("beta and l2_weight must be >= 0 and scale_bound > 0")
+            raise SettingsError("beta and l2_weight must be >= 0 and scale_bound > 0")
         if scales is not None and (random_neurons or init_scale != 0.0):
-            raise ValueError(
+            raise SettingsError(
                 f"scales ({scales}) gives the neurons and their starting scales; random_neurons and init_scale "
                 "apply to a bank and would be ignored: drop them or the scales file"
             )
         self.save_hyperparameters(ignore=["adapter_factory"])
         if steer and bank is not None and scales is None:
             read_bank(bank)  # fail fast on a missing, malformed or empty bank, before loading a model
+            check_bank_model(bank, str(model), model_identity(str(model)))  # ... or one selected on another model
         self.scorer = TaskScorer(task, max_new_tokens)
         self.metrics = nn.ModuleDict({mode: build_metric(task, mode) for mode in METRIC_MODES})
         self._adapter_factory = adapter_factory
@@ -255,7 +258,7 @@ class SteeringModule(AdapterHost, EpochScoring, L.LightningModule):
         optimizer = torch.optim.AdamW([self.scaler.s], lr=hp.lr, weight_decay=hp.weight_decay)
         trainer = self.trainer
         if trainer.max_steps == -1 and trainer.max_epochs in (None, -1):
-            raise ValueError("set trainer max_epochs or max_steps: the cosine schedule needs a length")
+            raise SettingsError("set trainer max_epochs or max_steps: the cosine schedule needs a length")
         # The length is read at the first step, not here: reading estimated_stepping_batches in
         # configure_optimizers builds the training loader before a resumed fit restores its state,
         # so the loader would not resume (Lightning issue #20550; hones.data.resumable).

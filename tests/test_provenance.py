@@ -1,0 +1,67 @@
+"""A bank analyze.py selected on one model is refused for another (same shapes accept it silently otherwise)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hones import io
+from hones.attribution.bank import BankEntry, BankError, write_bank
+from hones.attribution.provenance import bank_origin, check_bank_model
+from hones.attribution.settings import model_identity
+
+
+def model_folder(root: Path, name: str, content: str) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(content)
+    return folder
+
+
+def analyze_run(root: Path, model: str, identity: str | None) -> Path:
+    """``root/vqa/bank_hones.json`` with the state.json an analyze run writes beside it."""
+    bank = write_bank(root / "vqa" / "bank_hones.json", [BankEntry(0, 3, 1.0, 0), BankEntry(1, 2, 0.5, 1)])
+    state = {"stages": {"neurons": {"fingerprint": {"model": model, "model_identity": identity},
+                                    "info": {"bank_digests": {"hones": io.file_digest(bank)}}}}}  # fmt: skip
+    io.write_json(root / "vqa" / "state.json", state)
+    return bank
+
+
+def test_a_bank_of_another_model_is_refused(tmp_path: Path) -> None:
+    llava = model_folder(tmp_path, "toy-llava", '{"model_type": "llava"}')
+    qwen = model_folder(tmp_path, "toy-qwen", '{"model_type": "qwen2_5_vl"}')
+    bank = analyze_run(tmp_path / "runs", str(llava), model_identity(str(llava)))
+    assert bank_origin(bank)["model"] == str(llava)
+    check_bank_model(bank, str(llava), model_identity(str(llava)))
+    copy = model_folder(tmp_path, "copy", '{"model_type": "llava"}')  # same files elsewhere: the same model
+    check_bank_model(bank, str(copy), model_identity(str(copy)))
+    with pytest.raises(BankError, match=rf"selected on {llava} \(.*state.json\), not on {qwen}; give a bank of this model"):
+        check_bank_model(bank, str(qwen), model_identity(str(qwen)))
+    (llava / "config.json").write_text('{"model_type": "llava", "retrained": 1}')
+    with pytest.raises(BankError, match="before its files changed"):
+        check_bank_model(bank, str(llava), model_identity(str(llava)))
+
+
+def test_hub_ids_compare_by_name_and_unrecorded_banks_pass(tmp_path: Path) -> None:
+    bank = analyze_run(tmp_path / "runs", "llava-hf/llava-1.5-7b-hf", None)
+    check_bank_model(bank, "llava-hf/llava-1.5-7b-hf", None)
+    with pytest.raises(BankError, match="not on Qwen/Qwen2.5-VL-7B-Instruct"):
+        check_bank_model(bank, "Qwen/Qwen2.5-VL-7B-Instruct", None)
+    local = model_folder(tmp_path, "snapshot", "{}")
+    check_bank_model(bank, str(local), model_identity(str(local)))  # a hub id against a folder: cannot tell
+    bank.write_text(json.dumps([{"layer": 0, "neuron": 1, "score": 1.0, "rank": 0}]))  # edited: not the run's bank
+    assert bank_origin(bank) is None
+    check_bank_model(bank, "Qwen/Qwen2.5-VL-7B-Instruct", None)
+
+
+def test_steering_module_refuses_a_bank_of_another_model(tmp_path: Path) -> None:
+    from hones.steering.module import SteeringModule
+
+    llava = model_folder(tmp_path, "toy-llava", '{"model_type": "llava"}')
+    qwen = model_folder(tmp_path, "toy-qwen", '{"model_type": "qwen2_5_vl"}')
+    bank = analyze_run(tmp_path / "runs", str(llava), model_identity(str(llava)))
+    SteeringModule(model=str(llava), task="vqa", bank=str(bank))
+    with pytest.raises(BankError, match="not on"):
+        SteeringModule(model=str(qwen), task="vqa", bank=str(bank))
