@@ -185,6 +185,28 @@ def test_a_sampler_that_repeats_or_drops_items_is_refused() -> None:
     check_unrepeated_loaders(SimpleNamespace(world_size=1), "validate", "x")  # one process: nothing to check
 
 
+def test_a_loader_that_gives_every_process_all_items_is_refused() -> None:
+    """A loader built before the process group exists gets evaluation_sampler's None, i.e. a SequentialSampler:
+    under Trainer(use_distributed_sampler=False) every process then scored every item (helper audit: NDCG 0.55 -> 0.29)."""
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    from hones.data.datamodule import evaluation_sampler
+
+    data = list(range(5))
+    assert evaluation_sampler(data) is None  # no process group here
+    loaders = {
+        "sequential": DataLoader(data, sampler=evaluation_sampler(data)),
+        "shuffled": DataLoader(data, shuffle=True),
+        "own batch sampler": DataLoader(data, batch_sampler=type("Mine", (BatchSampler,), {})(SequentialSampler(data), 2, False)),
+    }
+    for name, loader in loaders.items():
+        trainer = SimpleNamespace(world_size=2, val_dataloaders=None, test_dataloaders=loader)
+        with pytest.raises(ValueError, match="gives each of the 2 processes all 5 items, which would count 2 times; build the loader once"):
+            check_unrepeated_loaders(trainer, "test", "MaskingVerificationCallback")
+    sharded = DataLoader(data, sampler=UnrepeatedDistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
+    check_unrepeated_loaders(SimpleNamespace(world_size=2, test_dataloaders=sharded), "test", "x")
+
+
 def test_a_second_steering_callback_says_how_to_go_on(tiny_llava: VLMAdapter) -> None:
     host = Host(tiny_llava)
     first = NeuronSteeringCallback({1: [0, 1]})
@@ -212,3 +234,72 @@ def test_load_processor_gives_what_wrap_model_takes(name: str) -> None:
     folder = Path(__file__).resolve().parents[1] / "models" / name
     adapter = wrap_model(AutoModelForImageTextToText.from_pretrained(folder), load_processor(str(folder)))
     assert adapter.num_layers == 4 and adapter.processor.image_processor is not None
+
+
+def test_head_scores_file_keeps_the_head_passes_top_k(tiny_llava: VLMAdapter, make_image, tmp_path: Path) -> None:
+    """head_scores.safetensors records |H*|: started from it, the neuron callback used the architecture default (30)."""
+    from hones.attribution.bank import stored_top_k
+
+    items = vqa_items(make_image)
+    heads = HeadLocalizationCallback(task="vqa", top_k=3, compare_utility="metric", output_dir=tmp_path)
+    run(heads, tiny_llava, [{"items": items}])
+    path = tmp_path / "head_scores.safetensors"
+    assert stored_top_k(path) == 3
+    from_file, _ = _heads_and_deltas(path, None)
+    from_json, _ = _heads_and_deltas(tmp_path / "heads.json", None)
+    assert from_file == from_json == heads.top_heads and len(from_file) == 3
+    assert len(_heads_and_deltas(path, 5)[0]) == 5  # an explicit top_k still wins
+
+
+def test_top_k_and_task_settings_are_checked() -> None:
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="top_k"):
+            HeadLocalizationCallback(top_k=bad, compare_utility="metric")
+        with pytest.raises(ValueError, match="top_k"):
+            NeuronAttributionCallback(heads=[(0, 0, 1.0)], top_k=bad)
+    scores = HeadScores(torch.ones(2, 2), torch.zeros(2, 2), 1.0, "teacher_forced", "vqa", 3)
+    with pytest.raises(ValueError, match=r"\|H\*\| \(top_k\) must be a whole number >= 1; got -1"):
+        scores.top_heads(-1)  # [:-1] had taken all heads but one
+    for cls, kwargs in ((HeadLocalizationCallback, {"compare_utility": "metric"}), (NeuronAttributionCallback, {"heads": [(0, 0, 1.0)]}),
+                        (MaskingVerificationCallback, {"banks": {"x": [(0, 1)]}})):  # fmt: skip
+        with pytest.raises(ValueError, match="task must be one of vqa, ocr, caption, retrieval or None; got 'VQA'"):
+            cls(task="VQA", **kwargs)
+
+
+def test_batches_of_another_task_or_layout_are_refused(tiny_llava: VLMAdapter, make_image) -> None:
+    items = vqa_items(make_image)
+    with pytest.raises(ValueError, match="the batch holds vqa items, and the callback is set for ocr"):
+        run(HeadLocalizationCallback(task="ocr", compare_utility="metric"), tiny_llava, [{"items": items}])
+    with pytest.raises(ValueError, match="the batch holds vqa items, and the callback is set for caption"):
+        run(MaskingVerificationCallback(banks={"x": [(0, 1)]}, task="caption"), tiny_llava, [{"items": items}], stage="test")
+    caption = TaskItem(uid="mine:9:caption", task="caption", image=make_image(seed=9), prompt="Describe.", target="a dog", references=["a dog"])
+    with pytest.raises(ValueError, match=r"several tasks \(caption, vqa\)"):
+        run(HeadLocalizationCallback(compare_utility="metric"), tiny_llava, [{"items": [*items, caption]}])
+    with pytest.raises(ValueError, match="a batch must be a mapping with 'items'.*got a list"):
+        run(HeadLocalizationCallback(task="vqa", compare_utility="metric"), tiny_llava, [items])
+
+
+def test_head_sources_are_checked(tiny_llava: VLMAdapter, make_image, tmp_path: Path) -> None:
+    items = vqa_items(make_image)
+    with pytest.raises(ValueError, match=r"entry 0 must be a \(layer, head, Δ\) triple"):
+        run(NeuronAttributionCallback(heads=[(0, 0)], task="vqa", idf=None), tiny_llava, [{"items": items}])
+    with pytest.raises(ValueError, match="H\\* is empty"):
+        run(NeuronAttributionCallback(heads=[], task="vqa", idf=None), tiny_llava, [{"items": items}])
+    heads = HeadLocalizationCallback(task="vqa", top_k=2, compare_utility="metric", output_dir=tmp_path)
+    run(heads, tiny_llava, [{"items": items}])
+    for source in (heads, tmp_path / "heads.json", tmp_path / "head_scores.safetensors"):
+        with pytest.raises(BankError, match="the heads come from a vqa head pass, and this callback attributes ocr"):
+            run(NeuronAttributionCallback(heads=source, task="ocr", idf=None), tiny_llava, [{"items": items}])
+
+
+def test_no_positive_head_is_said_and_the_metadata_is_json(tiny_llava: VLMAdapter, make_image, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    items = vqa_items(make_image)
+    with pytest.warns(UserWarning, match="none is left, so Imp falls back to c̄"):
+        run(NeuronAttributionCallback(heads=[(0, 0, -1.0), (1, 1, 0.0)], task="vqa", idf=None, output_dir=tmp_path), tiny_llava, [{"items": items}])
+    positive = NeuronAttributionCallback(heads=[(0, 0, 0.5), (1, 1, 0.25)], task="vqa", idf=None, output_dir=tmp_path)
+    run(positive, tiny_llava, [{"items": items}])
+    with safe_open(str(tmp_path / "importance.safetensors"), framework="pt") as handle:
+        meta = handle.metadata()
+    assert json.loads(meta["heads"]) == [[0, 0], [1, 1]] and json.loads(meta["head_deltas"]) == [0.5, 0.25]

@@ -282,6 +282,18 @@ def test_callbacks_explain_a_missing_adapter() -> None:
         HeadLocalizationCallback(stages=("fit",))
 
 
+def test_teacher_forced_heads_without_agreement_warn() -> None:
+    """§2 allows the teacher-forced utility only with its agreement with the metric utility reported."""
+    import warnings
+
+    with pytest.warns(UserWarning, match="set compare_utility='metric'"):
+        HeadLocalizationCallback(utility="teacher_forced")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HeadLocalizationCallback(utility="teacher_forced", compare_utility="metric")
+        HeadLocalizationCallback(utility="metric")
+
+
 def test_callbacks_refuse_a_model_spread_over_devices(tiny_llava: VLMAdapter) -> None:
     """With device_map sharding, write-in scoring would mix tensors of several GPUs (a device-mismatch traceback)."""
     module = L.LightningModule()

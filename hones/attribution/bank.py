@@ -230,13 +230,30 @@ def load_matrices(path: str | os.PathLike) -> dict[str, Tensor]:
         raise AnalysisError(f"{error}; recompute the stage that wrote it (analyze.py ... --overwrite true)") from None
 
 
-def save_head_scores(path: str | os.PathLike, scores: Any) -> Path:
-    """HeadScores -> safetensors: ``delta``, ``intervened`` ``[L, H]`` and ``baseline`` (scalar)."""
+def save_head_scores(path: str | os.PathLike, scores: Any, top_k: int | None = None) -> Path:
+    """HeadScores -> safetensors: ``delta``, ``intervened`` ``[L, H]`` and ``baseline`` (scalar);
+    ``top_k``: |H*| of the run, kept in the metadata (``stored_top_k``)."""
+    meta = {"task": scores.task, "utility": scores.utility, "num_items": scores.num_items}
+    if top_k is not None:
+        meta["top_k"] = int(top_k)
     return save_matrices(
         path,
         {"delta": scores.delta, "intervened": scores.intervened, "baseline": torch.tensor(scores.baseline, dtype=torch.float64)},
-        {"task": scores.task, "utility": scores.utility, "num_items": scores.num_items},
+        meta,
     )
+
+
+def stored_top_k(path: str | os.PathLike) -> int | None:
+    """|H*| recorded in a ``head_scores.safetensors`` by the head callback (None in files without it)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        value = (handle.metadata() or {}).get("top_k")
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise BankError(f"{path}: metadata top_k must be a whole number >= 1; got {value!r}")
+    return int(value)
 
 
 def load_head_scores(path: str | os.PathLike) -> Any:

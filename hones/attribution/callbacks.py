@@ -28,6 +28,7 @@ Chain: ``HeadLocalizationCallback`` -> ``NeuronAttributionCallback(heads=<that c
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -36,7 +37,9 @@ from typing import Any, Callable, Mapping, Sequence
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
 from hones.attribution.bank import (
     BankEntry,
@@ -48,6 +51,7 @@ from hones.attribution.bank import (
     read_head_list,
     save_head_scores,
     save_matrices,
+    stored_top_k,
     write_bank,
     write_head_list,
 )
@@ -63,6 +67,7 @@ from hones.attribution.heads import (
 from hones.attribution.neurons import NeuronAttribution, NeuronAttributor
 from hones.attribution.reports import relative_drop
 from hones.attribution.write_in import idf_from_items
+from hones.choices import TASKS
 from hones.run_defaults import stage_loaders
 
 AdapterFactory = Callable[[L.LightningModule], Any]
@@ -102,9 +107,26 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def _batch_task(batch: Mapping[str, Any]) -> str | None:
-    """The task of the batch's ``items`` (None without items); items that are not TaskItems are an error."""
+    """The task of the batch's ``items`` (None without items); items that are not TaskItems, or of
+    several tasks, are an error."""
     items = batch.get("items") if isinstance(batch, Mapping) else None
-    return None if items is None else check_items(items)[0].task
+    if items is None:
+        return None
+    tasks = sorted({item.task for item in check_items(items)})
+    if len(tasks) > 1:
+        raise ValueError(f"a batch holds items of several tasks ({', '.join(tasks)}); the callbacks take one task per pass")
+    return tasks[0]
+
+
+def _check_task(owner: str, task: str | None) -> None:
+    """A one-line ValueError for a ``task`` argument that is not one of §1's."""
+    if task is not None and task not in TASKS:
+        raise ValueError(f"{owner}: task must be one of {', '.join(TASKS)} or None; got {task!r}")
+
+
+def _check_top_k(owner: str, top_k: int | None) -> None:
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"{owner}: top_k (|H*|) must be a whole number >= 1 or None; got {top_k!r}")
 
 
 def check_unrepeated_loaders(trainer: L.Trainer, stage: str, owner: str) -> None:
@@ -119,6 +141,18 @@ def check_unrepeated_loaders(trainer: L.Trainer, stage: str, owner: str) -> None
         return
     for loader in stage_loaders(trainer, stage):
         sampler = getattr(loader, "sampler", None)
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        if batch_sampler is not None and type(batch_sampler) is not BatchSampler:
+            sampler = getattr(batch_sampler, "sampler", None)  # a batch sampler of the user's: its own index sampler
+        if type(sampler) in (SequentialSampler, RandomSampler):
+            size = len(sampler)
+            raise ValueError(
+                f"{owner}: the {stage} loader's {type(sampler).__name__} gives each of the {trainer.world_size} processes "
+                f"all {size} items, which would count {trainer.world_size} times; build the loader once the process group "
+                "exists (in a LightningDataModule's *_dataloader hook: evaluation_sampler returns None before it) with "
+                "sampler=hones.data.datamodule.evaluation_sampler(dataset) and Trainer(use_distributed_sampler=False), "
+                "or run the callback in trainer.predict (stages=('predict',))"
+            )
         total, dataset = getattr(sampler, "total_size", None), getattr(sampler, "dataset", None)
         if total is None or not hasattr(dataset, "__len__") or total == len(dataset):
             continue
@@ -228,7 +262,20 @@ class _AttributionCallback(Callback):
 
     def _on_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int | None = None) -> None:
         if self._active and (batch_idx is None or batch_idx >= self.skip_batches):
+            self._check_batch(batch)
             self._batch(trainer, pl_module, resolve_adapter(pl_module, self.adapter_factory), batch)
+
+    def _check_batch(self, batch: Any) -> None:
+        """One-line errors for a batch that is not a mapping, or whose items are of another task than the callback's."""
+        owner = type(self).__name__
+        if not isinstance(batch, Mapping):
+            raise ValueError(
+                f"{owner}: a batch must be a mapping with 'items' (a list of TaskItems) and/or the adapter's encoding; "
+                f"got a {type(batch).__name__} (collate the items as {{'items': [...]}})"
+            )
+        task, own = _batch_task(batch), getattr(self, "task", None)
+        if task is not None and own is not None and task != own:
+            raise ValueError(f"{owner}: the batch holds {task} items, and the callback is set for {own}")
 
     def _on_end(self, hook: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._active:
@@ -308,8 +355,16 @@ class HeadLocalizationCallback(_AttributionCallback):
         output_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__(stages, adapter_factory, output_dir)
+        _check_task("HeadLocalizationCallback", task)
+        _check_top_k("HeadLocalizationCallback", top_k)
         if compare_utility is not None and compare_utility == utility:
             raise ValueError(f"compare_utility must differ from utility ({utility!r})")
+        if utility == "teacher_forced" and compare_utility is None:
+            rank_zero_warn(
+                "HeadLocalizationCallback: utility='teacher_forced' without compare_utility; §2 takes the teacher-forced "
+                "utility in place of the metric only with their agreement measured and reported: set compare_utility='metric'",
+                category=UserWarning,
+            )
         self.compare_utility = compare_utility
         self.compare_localizer: HeadLocalizer | None = None
         self.compare_scores: HeadScores | None = None
@@ -370,7 +425,7 @@ class HeadLocalizationCallback(_AttributionCallback):
         if not trainer.is_global_zero:
             return
         if self.output_dir is not None:
-            save_head_scores(self.output_dir / "head_scores.safetensors", self.scores)
+            save_head_scores(self.output_dir / "head_scores.safetensors", self.scores, top_k=len(self.top_heads))
             write_head_list(self.output_dir / "heads.json", self.scores, selected=self.top_heads)
             if self.compare_scores is not None:
                 save_head_scores(self.output_dir / f"head_scores_{self.compare_utility}.safetensors", self.compare_scores)
@@ -418,13 +473,35 @@ def _heads_and_deltas(source: HeadSource, top_k: int | None, default_k: int = 30
         stored = io.read_json(source).get("top_k")  # the head callback records its |H*|
         rows = rows[: top_k if top_k is not None else stored if isinstance(stored, int) else default_k]
         return [(int(r["layer"]), int(r["head"])) for r in rows], [float(r["delta"]) for r in rows]
-    if isinstance(source, (str, os.PathLike)):
-        source = load_head_scores(source)
+    if isinstance(source, (str, os.PathLike)):  # a head_scores.safetensors: the head callback records its |H*| there too
+        scores = load_head_scores(source)  # checked first: a missing or damaged file is one line
+        stored, source = stored_top_k(source), scores
+        heads = source.top_heads(top_k if top_k is not None else stored if stored is not None else default_k)
+        return heads, [float(source.delta[h]) for h in heads]
     if isinstance(source, HeadScores):
         heads = source.top_heads(top_k if top_k is not None else default_k)
         return heads, [float(source.delta[h]) for h in heads]
     triples = list(source)
+    for k, triple in enumerate(triples):
+        if isinstance(triple, (str, bytes)) or not isinstance(triple, Sequence) or len(triple) != 3:
+            raise ValueError(f"heads: entry {k} must be a (layer, head, Δ) triple (Δ weighs the head, §3); got {triple!r}")
     return [(int(l), int(h)) for l, h, _ in triples], [float(d) for _, _, d in triples]
+
+
+def _head_source_task(source: HeadSource) -> str | None:
+    """The task of the head pass H* comes from (None for triples, or a file that does not say)."""
+    if isinstance(source, HeadLocalizationCallback):
+        return source.scores.task if source.scores is not None else None
+    if isinstance(source, HeadScores):
+        return source.task
+    if isinstance(source, (str, os.PathLike)) and Path(source).suffix == ".json":
+        from hones import io
+
+        task = io.read_json(source).get("task")
+        return task if isinstance(task, str) else None
+    if isinstance(source, (str, os.PathLike)):
+        return load_head_scores(source).task
+    return None
 
 
 class NeuronAttributionCallback(_AttributionCallback):
@@ -440,7 +517,7 @@ class NeuronAttributionCallback(_AttributionCallback):
         top_ratio: budget, the global top fraction of L × I (§3 default 0.01).
         task: None reads it from the first batch.
         idf: caption weights (§3): "auto" computes the IDF from ``trainer.datamodule.items``
-            (the discovery split; each reference caption a document); a list of the discovery
+            (the discovery split; each caption item's joined references one document); a list of the discovery
             split's caption ``TaskItem``s does the same without a datamodule; or a ``[vocab]``
             tensor (``hones.attribution.write_in.idf_from_items(adapter, items)``); None: w_t = 1.
             Only captions use it.
@@ -469,6 +546,8 @@ class NeuronAttributionCallback(_AttributionCallback):
         output_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__(stages, adapter_factory, output_dir)
+        _check_task("NeuronAttributionCallback", task)
+        _check_top_k("NeuronAttributionCallback", top_k)
         self.head_source, self.top_k, self.top_ratio = heads, top_k, top_ratio
         self.task, self.idf = task, idf
         self._task_arg = task
@@ -495,6 +574,14 @@ class NeuronAttributionCallback(_AttributionCallback):
         self.task = task
         default_k = DEFAULT_TOP_K.get(getattr(adapter, "model_type", ""), 30)
         heads, deltas = _heads_and_deltas(self.head_source, self.top_k, default_k)
+        if not heads:
+            raise ValueError("NeuronAttributionCallback: H* is empty; §3 conditions the importance on at least one head")
+        source_task = _head_source_task(self.head_source)
+        if source_task is not None and source_task != task:
+            raise BankError(
+                f"H*: the heads come from a {source_task} head pass, and this callback attributes {task}; "
+                "pass them as (layer, head, Δ) triples to use them anyway"
+            )
         try:
             check_heads(heads, adapter.num_layers, adapter.num_heads)
         except ValueError as error:  # H* comes from outside (a file, triples): name it as bad input
@@ -552,7 +639,10 @@ class NeuronAttributionCallback(_AttributionCallback):
             matrices = {"importance": result.importance, "mean_contribution": result.mean_contribution}
             matrices.update({f"baseline_{k}": v for k, v in result.baselines.items()})
             matrices.update({f"stat_{k}": v for k, v in result.activation_statistics.items() if v.dim() == 2})
-            meta = {"task": self.task, "num_items": result.num_items, "heads": result.heads, "head_deltas": result.head_deltas.tolist()}
+            meta = {
+                "task": self.task, "num_items": result.num_items,
+                "heads": json.dumps([list(head) for head in result.heads]), "head_deltas": json.dumps(result.head_deltas.tolist()),
+            }  # fmt: skip
             save_matrices(self.output_dir / "importance.safetensors", matrices, meta)
             for name, entries in self.banks.items():
                 write_bank(self.output_dir / f"bank_{name}.json", entries)
@@ -610,6 +700,7 @@ class MaskingVerificationCallback(_AttributionCallback):
         target_logprob: bool = False,
     ) -> None:
         super().__init__(stages, adapter_factory, output_dir)
+        _check_task("MaskingVerificationCallback", task)
         self.bank_source, self.task = banks, task
         self._task_arg = task
         self.metric_mode, self.max_new_tokens = metric_mode, max_new_tokens

@@ -84,7 +84,9 @@ class HeadScores:
         return [divmod(int(i), self.num_heads) for i in order.tolist() if bool(finite[i])]
 
     def top_heads(self, k: int) -> list[Head]:
-        """H*: the top-k heads by Δ."""
+        """H*: the top-k heads by Δ (k >= 1)."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"|H*| (top_k) must be a whole number >= 1; got {k!r}")
         return self.ranked_heads()[:k]
 
 
