@@ -157,7 +157,15 @@ def read_csv_rows(path: PathLike, cache_dir: PathLike | None = None) -> list[dic
     except (DatasetGenerationError, ValueError) as err:
         logger.debug("datasets could not tabulate %s (%s); reading it with csv", path, err)
         with open(path, encoding="utf-8-sig", newline="") as handle:
-            rows = list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            rows = []
+            for row in reader:
+                if None in row:  # DictReader's key for the cells beyond the header's columns
+                    raise DataError(
+                        path, f"line {reader.line_num}: {len(header) + len(row[None])} cells for the header's {len(header)} columns "
+                        "(an unquoted comma in a caption?)"
+                    )
+                rows.append(row)
     return [{k: (v if v != "" else None) for k, v in row.items()} for row in rows]
 
 
@@ -429,10 +437,11 @@ def _find_image(entry: _Parsed, verify: bool) -> str:
 
 def _check_ocr_box(entry: _Parsed) -> None:
     """An ``ocr.bbox`` error when the record's OCR box misses its image file (read from the file's
-    header; a file of another size than the annotation's gets the box scaled, see ``scaled_box``)."""
+    header; a file of another size than the annotation's gets the box scaled, see ``scaled_box``,
+    unless its aspect ratio differs: ``resize_problem``)."""
     from PIL import Image
 
-    from hones.data.records import box_problem, scaled_box
+    from hones.data.records import box_problem, resize_problem, scaled_box
 
     ocr = entry.record.ocr
     if ocr is None:
@@ -445,6 +454,9 @@ def _check_ocr_box(entry: _Parsed) -> None:
             size = image.size
     except OSError:
         return  # unreadable: named when the image is loaded (or by verify_images)
+    resized = resize_problem(ocr.image_size, size)
+    if resized is not None:
+        raise entry.item.error("ocr.bbox", f"{resized}: {found[0]}")
     if scaled_box(ocr.bbox, ocr.image_size, size) is None:
         raise entry.item.error("ocr.bbox", box_problem(ocr.bbox, ocr.image_size, size) + f": {found[0]}")
 

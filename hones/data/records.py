@@ -121,6 +121,22 @@ def scaled_box(
     return (x, y, w, h)
 
 
+def resize_problem(annotated: tuple[int, int] | None, actual: tuple[int, int]) -> str | None:
+    """Why an image file of size ``actual`` is not a resized copy of the ``annotated`` image (its
+    aspect ratio differs beyond rounding: a crop, a rotation or another image), else None. A box
+    scaled per axis onto such a file would land on other pixels than the annotator marked."""
+    if annotated is None or tuple(annotated) == tuple(actual):
+        return None
+    sx, sy = actual[0] / annotated[0], actual[1] / annotated[1]
+    rounding = 1.0 / min(actual) + 1.0 / min(annotated)  # one pixel either way
+    if abs(sx / sy - 1.0) <= 0.01 + rounding:
+        return None
+    return (
+        f"the image file is {actual[0]}x{actual[1]}, annotated as {annotated[0]}x{annotated[1]}: another aspect ratio "
+        f"(x{sx:.3g} wide, x{sy:.3g} high), so not a resized copy of the annotated image and the OCR box cannot be placed"
+    )
+
+
 def box_problem(box: Sequence[float], annotated: tuple[int, int] | None, actual: tuple[int, int]) -> str:
     """The one-line problem of a box that misses its image file."""
     sizes = "the annotation gives no image size" if annotated is None else f"annotated as {annotated[0]}x{annotated[1]}"
@@ -132,10 +148,13 @@ def fit_box(
 ) -> tuple[float, float, float, float]:
     """``scaled_box``, or a ``DataError`` naming the item when the box misses the image (the loaders
     check this when they load annotations with images; this catches items built otherwise)."""
+    from hones.data.errors import DataError
+
+    resized = resize_problem(annotated, actual)
+    if resized is not None:
+        raise DataError(str(item.image), resized, item=item.uid)
     fitted = scaled_box(box, annotated, actual)
     if fitted is None:
-        from hones.data.errors import DataError
-
         raise DataError(str(item.image), box_problem(box, annotated, actual), item=item.uid)
     return fitted
 
