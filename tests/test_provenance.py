@@ -65,3 +65,21 @@ def test_steering_module_refuses_a_bank_of_another_model(tmp_path: Path) -> None
     SteeringModule(model=str(llava), task="vqa", bank=str(bank))
     with pytest.raises(BankError, match="not on"):
         SteeringModule(model=str(qwen), task="vqa", bank=str(bank))
+
+
+def test_scales_learned_on_another_model_are_refused(tmp_path: Path) -> None:
+    from hones.attribution.provenance import check_scales_model
+    from hones.steering.module import SteeringModule
+    from hones.steering.scales import export_scales, scaler_from_rows
+
+    llava = model_folder(tmp_path, "toy-llava", '{"model_type": "llava"}')
+    qwen = model_folder(tmp_path, "toy-qwen", '{"model_type": "qwen2_5_vl"}')
+    scaler = scaler_from_rows([{"layer": 0, "neuron": 1, "scale": 0.5}])
+    module = SteeringModule(model=str(llava), task="vqa", scales=str(tmp_path / "unused.json"), steer=False)
+    files = export_scales(scaler, tmp_path / "fit", metadata=module.scale_metadata())
+    check_scales_model(files["safetensors"], str(llava), model_identity(str(llava)))
+    with pytest.raises(BankError, match=rf"scales.safetensors: learned on {llava} \(its metadata\), not on {qwen}; give scales of this model"):
+        check_scales_model(files["safetensors"], str(qwen), model_identity(str(qwen)))
+    with pytest.raises(BankError, match="learned on"):
+        SteeringModule(model=str(qwen), task="vqa", scales=str(files["safetensors"]))
+    check_scales_model(files["json"], str(qwen), model_identity(str(qwen)))  # JSON records no model

@@ -1,16 +1,18 @@
-"""Which model a neuron bank was selected on.
+"""Which model a neuron bank was selected on, or learned scales learned on.
 
 A bank file is (layer, neuron, score, rank) rows and names no model, so a bank of one model
 fits any model of the same layer count and FFN width: the toy LLaVA and Qwen2.5-VL are both
 4 × 352, and LLaVA-1.5-7B's bank fits any Llama-2-7B-shaped model. A bank that ``analyze.py``
 wrote is recorded in the ``state.json`` beside it, with the model and its content digest;
 :func:`check_bank_model` refuses it for another model. A bank the run did not write (edited,
-or made elsewhere) carries no such record and is taken as it is.
+or made elsewhere) carries no such record and is taken as it is. Likewise the metadata of a
+``scales.safetensors`` that ``train.py`` exports records the model (``check_scales_model``).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,22 +44,53 @@ def bank_origin(path: str | os.PathLike) -> dict[str, Any] | None:
 
 def check_bank_model(path: str | os.PathLike, model: str, identity: str | None) -> None:
     """A one-line BankError when the bank at ``path`` was selected by an analyze run of another
-    model than ``model`` (``identity``: its ``model_identity``, None for a hub id). Content digests
-    decide where both are known (a copied model folder is the same model), names where both are
-    hub ids; a hub id against a local folder cannot be told apart and passes."""
+    model than ``model`` (``identity``: its ``model_identity``, None for a hub id)."""
     origin = bank_origin(path)
-    if origin is None or origin["model"] is None:
+    if origin is not None and origin["model"] is not None:
+        record = Origin(f"{path}: selected on", str(origin["state"]), str(origin["model"]), origin["model_identity"], "a bank")
+        check_same_model(record, model, identity)
+
+
+def check_scales_model(path: str | os.PathLike, model: str, identity: str | None) -> None:
+    """A one-line BankError when a ``scales.safetensors`` that ``train.py`` exported was learned on
+    another model than ``model`` (its metadata records the model and its content digest). JSON
+    scales files record no model and pass."""
+    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
         return
-    recorded, recorded_identity = str(origin["model"]), origin["model_identity"]
-    same_name = os.path.normpath(recorded) == os.path.normpath(model)
-    if identity is not None and recorded_identity is not None:
-        if identity == recorded_identity:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    if meta.get("model"):
+        record = Origin(f"{path}: learned on", "its metadata", meta["model"], meta.get("model_identity") or None, "scales")
+        check_same_model(record, model, identity)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a file says it comes from: ``what`` (the file and verb), ``where`` (the record),
+    the model and its content digest, and ``noun`` (what to give instead)."""
+
+    what: str
+    where: str
+    model: str
+    identity: str | None
+    noun: str
+
+
+def check_same_model(origin: Origin, model: str, identity: str | None) -> None:
+    """A one-line BankError when ``origin`` names another model than ``model`` / ``identity``.
+    Content digests decide where both are known (a copied model folder is the same model), names
+    where both are hub ids; a hub id against a local folder cannot be told apart and passes."""
+    same_name = os.path.normpath(origin.model) == os.path.normpath(model)
+    if identity is not None and origin.identity is not None:
+        if identity == origin.identity:
             return
         if same_name:
             raise BankError(
-                f"{path}: selected on {recorded} before its files changed ({origin['state']} records another content digest); "
-                "recompute the bank with analyze.py, or restore the model"
+                f"{origin.what} {origin.model} before its files changed ({origin.where} records another content "
+                "digest); recompute it, or restore the model"
             )
-    elif identity is not None or recorded_identity is not None or same_name:
+    elif identity is not None or origin.identity is not None or same_name:
         return
-    raise BankError(f"{path}: selected on {recorded} ({origin['state']}), not on {model}; give a bank of this model")
+    raise BankError(f"{origin.what} {origin.model} ({origin.where}), not on {model}; give {origin.noun} of this model")

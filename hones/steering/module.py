@@ -42,7 +42,7 @@ from hones.choices import DType, MetricMode, SettingsError, Task
 from hones.adapter_host import AdapterHost
 from hones.attribution.batches import batch_size, ensure_prompt_only, ensure_targets
 from hones.attribution.bank import BankError, read_bank
-from hones.attribution.provenance import check_bank_model
+from hones.attribution.provenance import check_bank_model, check_scales_model
 from hones.attribution.settings import model_identity
 from hones.evaluation import METRIC_MODES, EpochScoring, TaskScorer, skipped_items, summarize_epoch
 from hones.interventions import NeuronScaler, scale_neurons
@@ -161,6 +161,8 @@ class SteeringModule(AdapterHost, EpochScoring, L.LightningModule):
         if steer and bank is not None and scales is None:
             read_bank(bank)  # fail fast on a missing, malformed or empty bank, before loading a model
             check_bank_model(bank, str(model), model_identity(str(model)))  # ... or one selected on another model
+        if steer and scales is not None:
+            check_scales_model(scales, str(model), model_identity(str(model)))  # scales learned on another model
         self.scorer = TaskScorer(task, max_new_tokens)
         self.metrics = nn.ModuleDict({mode: build_metric(task, mode) for mode in METRIC_MODES})
         self._adapter_factory = adapter_factory
@@ -279,7 +281,10 @@ class SteeringModule(AdapterHost, EpochScoring, L.LightningModule):
 
     def scale_metadata(self) -> dict[str, Any]:
         hp = self.hparams
-        return {"model": hp.model, "task": hp.task, "bank": hp.bank, "random_neurons": hp.random_neurons, "beta": hp.beta}
+        return {
+            "model": hp.model, "model_identity": model_identity(str(hp.model)) or "", "task": hp.task, "bank": hp.bank,
+            "random_neurons": hp.random_neurons, "beta": hp.beta,
+        }  # fmt: skip
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("scaler.")}
