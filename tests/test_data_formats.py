@@ -282,6 +282,12 @@ def test_other_formats_name_item_and_field(tmp_path: Path, cache: Path) -> None:
     with pytest.raises(DataError) as info:
         load_textvqa(textvqa, cache_dir=cache)
     assert_one_line(info.value, str(textvqa), "question_id=5", "'answers'", "empty list")
+    big = tmp_path / "textvqa_big_ids.json"  # one float id makes the reader take the column as floats: 12345678901234567 -> ...568
+    rows = [{"question": "what?", "image_id": "ab", "question_id": 12345678901234567, "answers": ["x"]},
+            {"question": "what?", "image_id": "cd", "question_id": 5.5, "answers": ["y"]}]  # fmt: skip
+    big.write_text(json.dumps({"data": rows}))
+    with pytest.raises(DataError, match="'question_id'.*a float beyond 2\\*\\*53"):
+        load_textvqa(big, cache_dir=cache)
     csv_path = tmp_path / "f.csv"
     header = "raw,sentids,split,filename,img_id\n"
     csv_path.write_text(header + '"[""ok""]","[1]",test,a.jpg,1\n"[""unclosed","[2]",test,b.jpg,2\n')

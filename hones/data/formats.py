@@ -277,6 +277,11 @@ class _Item:
         if value is None:
             raise self.error(field, "missing or null")
         if isinstance(value, float) and value.is_integer():
+            if abs(value) > 2**53:  # not every integer this large is a float: the id may already have changed
+                raise self.error(
+                    field, f"{value!r} is a float beyond 2**53, where floats skip integers (a float elsewhere in the column "
+                    "makes the table reader read every id as one): write the ids as integers or strings"
+                )
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, (int, str)) or str(value).strip() == "":
             raise self.error(field, f"must be an int or a non-empty string, got {value!r}")
