@@ -17,7 +17,6 @@ DTYPE_NAMES: tuple[str, ...] = get_args(DType)
 UTILITIES: tuple[str, ...] = get_args(Utility)
 
 
-
 class SettingsError(ValueError):
     """A setting that cannot work (a bound, a combination); ``str(err)`` is one line naming the
     setting. Every entry point prints it as one line, before a model is loaded."""
