@@ -245,8 +245,8 @@ def test_head_scores_file_keeps_the_head_passes_top_k(tiny_llava: VLMAdapter, ma
     run(heads, tiny_llava, [{"items": items}])
     path = tmp_path / "head_scores.safetensors"
     assert stored_top_k(path) == 3
-    from_file, _ = _heads_and_deltas(path, None)
-    from_json, _ = _heads_and_deltas(tmp_path / "heads.json", None)
+    from_file, _, _ = _heads_and_deltas(path, None)
+    from_json, _, _ = _heads_and_deltas(tmp_path / "heads.json", None)
     assert from_file == from_json == heads.top_heads and len(from_file) == 3
     assert len(_heads_and_deltas(path, 5)[0]) == 5  # an explicit top_k still wins
 

@@ -34,26 +34,26 @@ def test_a_bank_of_another_model_is_refused(tmp_path: Path) -> None:
     qwen = model_folder(tmp_path, "toy-qwen", '{"model_type": "qwen2_5_vl"}')
     bank = analyze_run(tmp_path / "runs", str(llava), model_identity(str(llava)))
     assert bank_origin(bank)["model"] == str(llava)
-    check_bank_model(bank, str(llava), model_identity(str(llava)))
+    check_bank_model(bank, str(llava))
     copy = model_folder(tmp_path, "copy", '{"model_type": "llava"}')  # same files elsewhere: the same model
-    check_bank_model(bank, str(copy), model_identity(str(copy)))
+    check_bank_model(bank, str(copy))
     with pytest.raises(BankError, match=rf"selected on {llava} \(.*state.json\), not on {qwen}; give a bank of this model"):
-        check_bank_model(bank, str(qwen), model_identity(str(qwen)))
+        check_bank_model(bank, str(qwen))
     (llava / "config.json").write_text('{"model_type": "llava", "retrained": 1}')
     with pytest.raises(BankError, match="before its files changed"):
-        check_bank_model(bank, str(llava), model_identity(str(llava)))
+        check_bank_model(bank, str(llava))
 
 
 def test_hub_ids_compare_by_name_and_unrecorded_banks_pass(tmp_path: Path) -> None:
     bank = analyze_run(tmp_path / "runs", "llava-hf/llava-1.5-7b-hf", None)
-    check_bank_model(bank, "llava-hf/llava-1.5-7b-hf", None)
+    check_bank_model(bank, "llava-hf/llava-1.5-7b-hf")
     with pytest.raises(BankError, match="not on Qwen/Qwen2.5-VL-7B-Instruct"):
-        check_bank_model(bank, "Qwen/Qwen2.5-VL-7B-Instruct", None)
+        check_bank_model(bank, "Qwen/Qwen2.5-VL-7B-Instruct")
     local = model_folder(tmp_path, "snapshot", "{}")
-    check_bank_model(bank, str(local), model_identity(str(local)))  # a hub id against a folder: cannot tell
+    check_bank_model(bank, str(local))  # a hub id against a folder: cannot tell
     bank.write_text(json.dumps([{"layer": 0, "neuron": 1, "score": 1.0, "rank": 0}]))  # edited: not the run's bank
     assert bank_origin(bank) is None
-    check_bank_model(bank, "Qwen/Qwen2.5-VL-7B-Instruct", None)
+    check_bank_model(bank, "Qwen/Qwen2.5-VL-7B-Instruct")
 
 
 def test_steering_module_refuses_a_bank_of_another_model(tmp_path: Path) -> None:
@@ -77,9 +77,9 @@ def test_scales_learned_on_another_model_are_refused(tmp_path: Path) -> None:
     scaler = scaler_from_rows([{"layer": 0, "neuron": 1, "scale": 0.5}])
     module = SteeringModule(model=str(llava), task="vqa", scales=str(tmp_path / "unused.json"), steer=False)
     files = export_scales(scaler, tmp_path / "fit", metadata=module.scale_metadata())
-    check_scales_model(files["safetensors"], str(llava), model_identity(str(llava)))
+    check_scales_model(files["safetensors"], str(llava))
     with pytest.raises(BankError, match=rf"scales.safetensors: learned on {llava} \(its metadata\), not on {qwen}; give scales of this model"):
-        check_scales_model(files["safetensors"], str(qwen), model_identity(str(qwen)))
+        check_scales_model(files["safetensors"], str(qwen))
     with pytest.raises(BankError, match="learned on"):
         SteeringModule(model=str(qwen), task="vqa", scales=str(files["safetensors"]))
-    check_scales_model(files["json"], str(qwen), model_identity(str(qwen)))  # JSON records no model
+    check_scales_model(files["json"], str(qwen))  # JSON records no model

@@ -454,14 +454,17 @@ class HeadLocalizationCallback(_AttributionCallback):
 HeadSource = HeadScores | HeadLocalizationCallback | str | os.PathLike | Sequence[tuple[int, int, float]]
 
 
-def _heads_and_deltas(source: HeadSource, top_k: int | None, default_k: int = 30) -> tuple[list[tuple[int, int]], list[float]]:
-    """H* and Δ from HeadScores, a finished HeadLocalizationCallback, a ``head_scores.safetensors`` or
-    ``heads.json`` file (the callback writes both) or (l, h, Δ) triples."""
+def _heads_and_deltas(
+    source: HeadSource, top_k: int | None, default_k: int = 30
+) -> tuple[list[tuple[int, int]], list[float], str | None]:
+    """H*, Δ and the task of the head pass they come from (None where the source does not say),
+    from HeadScores, a finished HeadLocalizationCallback, a ``head_scores.safetensors`` or
+    ``heads.json`` file (the callback writes both, each with its |H*|) or (l, h, Δ) triples."""
     if isinstance(source, HeadLocalizationCallback):
         if source.scores is None:
             raise RuntimeError("the HeadLocalizationCallback has not produced scores yet (run its stage first)")
         heads = source.top_heads if top_k is None else source.scores.top_heads(top_k)
-        return heads, [float(source.scores.delta[h]) for h in heads]
+        return heads, [float(source.scores.delta[h]) for h in heads], source.scores.task
     if isinstance(source, (str, os.PathLike)) and Path(source).suffix == ".json":  # a heads.json head list
         from hones import io
 
@@ -470,38 +473,24 @@ def _heads_and_deltas(source: HeadSource, top_k: int | None, default_k: int = 30
             rows = sorted(rows, key=lambda row: int(row["rank"]))
         else:
             rows = sorted(rows, key=lambda row: -float(row["delta"]))
-        stored = io.read_json(source).get("top_k")  # the head callback records its |H*|
+        data = io.read_json(source)
+        stored, task = data.get("top_k"), data.get("task")  # the head callback records its |H*| and task
         rows = rows[: top_k if top_k is not None else stored if isinstance(stored, int) else default_k]
-        return [(int(r["layer"]), int(r["head"])) for r in rows], [float(r["delta"]) for r in rows]
-    if isinstance(source, (str, os.PathLike)):  # a head_scores.safetensors: the head callback records its |H*| there too
+        heads = [(int(r["layer"]), int(r["head"])) for r in rows]
+        return heads, [float(r["delta"]) for r in rows], task if isinstance(task, str) else None
+    if isinstance(source, (str, os.PathLike)):  # a head_scores.safetensors
         scores = load_head_scores(source)  # checked first: a missing or damaged file is one line
-        stored, source = stored_top_k(source), scores
-        heads = source.top_heads(top_k if top_k is not None else stored if stored is not None else default_k)
-        return heads, [float(source.delta[h]) for h in heads]
+        stored = stored_top_k(source)
+        heads = scores.top_heads(top_k if top_k is not None else stored if stored is not None else default_k)
+        return heads, [float(scores.delta[h]) for h in heads], scores.task
     if isinstance(source, HeadScores):
         heads = source.top_heads(top_k if top_k is not None else default_k)
-        return heads, [float(source.delta[h]) for h in heads]
+        return heads, [float(source.delta[h]) for h in heads], source.task
     triples = list(source)
     for k, triple in enumerate(triples):
         if isinstance(triple, (str, bytes)) or not isinstance(triple, Sequence) or len(triple) != 3:
             raise ValueError(f"heads: entry {k} must be a (layer, head, Δ) triple (Δ weighs the head, §3); got {triple!r}")
-    return [(int(l), int(h)) for l, h, _ in triples], [float(d) for _, _, d in triples]
-
-
-def _head_source_task(source: HeadSource) -> str | None:
-    """The task of the head pass H* comes from (None for triples, or a file that does not say)."""
-    if isinstance(source, HeadLocalizationCallback):
-        return source.scores.task if source.scores is not None else None
-    if isinstance(source, HeadScores):
-        return source.task
-    if isinstance(source, (str, os.PathLike)) and Path(source).suffix == ".json":
-        from hones import io
-
-        task = io.read_json(source).get("task")
-        return task if isinstance(task, str) else None
-    if isinstance(source, (str, os.PathLike)):
-        return load_head_scores(source).task
-    return None
+    return [(int(l), int(h)) for l, h, _ in triples], [float(d) for _, _, d in triples], None
 
 
 class NeuronAttributionCallback(_AttributionCallback):
@@ -573,10 +562,9 @@ class NeuronAttributionCallback(_AttributionCallback):
     def _build(self, trainer: L.Trainer, adapter: Any, task: str) -> None:
         self.task = task
         default_k = DEFAULT_TOP_K.get(getattr(adapter, "model_type", ""), 30)
-        heads, deltas = _heads_and_deltas(self.head_source, self.top_k, default_k)
+        heads, deltas, source_task = _heads_and_deltas(self.head_source, self.top_k, default_k)
         if not heads:
             raise ValueError("NeuronAttributionCallback: H* is empty; §3 conditions the importance on at least one head")
-        source_task = _head_source_task(self.head_source)
         if source_task is not None and source_task != task:
             raise BankError(
                 f"H*: the heads come from a {source_task} head pass, and this callback attributes {task}; "

@@ -42,16 +42,16 @@ def bank_origin(path: str | os.PathLike) -> dict[str, Any] | None:
     return None
 
 
-def check_bank_model(path: str | os.PathLike, model: str, identity: str | None) -> None:
+def check_bank_model(path: str | os.PathLike, model: str) -> None:
     """A one-line BankError when the bank at ``path`` was selected by an analyze run of another
-    model than ``model`` (``identity``: its ``model_identity``, None for a hub id)."""
+    model than ``model`` (a hub id or a local folder)."""
     origin = bank_origin(path)
     if origin is not None and origin["model"] is not None:
         record = Origin(f"{path}: selected on", str(origin["state"]), str(origin["model"]), origin["model_identity"], "a bank")
-        check_same_model(record, model, identity)
+        check_same_model(record, model)
 
 
-def check_scales_model(path: str | os.PathLike, model: str, identity: str | None) -> None:
+def check_scales_model(path: str | os.PathLike, model: str) -> None:
     """A one-line BankError when a ``scales.safetensors`` that ``train.py`` exported was learned on
     another model than ``model`` (its metadata records the model and its content digest). JSON
     scales files record no model and pass."""
@@ -63,7 +63,7 @@ def check_scales_model(path: str | os.PathLike, model: str, identity: str | None
         meta = handle.metadata() or {}
     if meta.get("model"):
         record = Origin(f"{path}: learned on", "its metadata", meta["model"], meta.get("model_identity") or None, "scales")
-        check_same_model(record, model, identity)
+        check_same_model(record, model)
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,13 @@ class Origin:
     noun: str
 
 
-def check_same_model(origin: Origin, model: str, identity: str | None) -> None:
-    """A one-line BankError when ``origin`` names another model than ``model`` / ``identity``.
-    Content digests decide where both are known (a copied model folder is the same model), names
-    where both are hub ids; a hub id against a local folder cannot be told apart and passes."""
+def check_same_model(origin: Origin, model: str) -> None:
+    """A one-line BankError when ``origin`` names another model than ``model``. Content digests
+    (``model_identity``) decide where both are known (a copied model folder is the same model),
+    names where both are hub ids; a hub id against a local folder cannot be told apart and passes."""
+    from hones.attribution.settings import model_identity
+
+    identity = model_identity(model)
     same_name = os.path.normpath(origin.model) == os.path.normpath(model)
     if identity is not None and origin.identity is not None:
         if identity == origin.identity:

@@ -160,9 +160,9 @@ class SteeringModule(AdapterHost, EpochScoring, L.LightningModule):
         self.save_hyperparameters(ignore=["adapter_factory"])
         if steer and bank is not None and scales is None:
             read_bank(bank)  # fail fast on a missing, malformed or empty bank, before loading a model
-            check_bank_model(bank, str(model), model_identity(str(model)))  # ... or one selected on another model
+            check_bank_model(bank, str(model))  # ... or one selected on another model
         if steer and scales is not None:
-            check_scales_model(scales, str(model), model_identity(str(model)))  # scales learned on another model
+            check_scales_model(scales, str(model))  # scales learned on another model
         self.scorer = TaskScorer(task, max_new_tokens)
         self.metrics = nn.ModuleDict({mode: build_metric(task, mode) for mode in METRIC_MODES})
         self._adapter_factory = adapter_factory
