@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     module = MyVLM(args.model)
     discovery = loader(items(args.world, args.task, "discovery", args.limit))
 
-    heads = HeadLocalizationCallback(task=args.task, top_k=4, output_dir=out)  # §2, teacher-forced utility
+    # §2, teacher-forced utility, with its agreement with the paper's metric utility measured in the same pass
+    heads = HeadLocalizationCallback(task=args.task, top_k=4, compare_utility="metric", output_dir=out)
     trainer(out, heads).validate(module, discovery, verbose=False)
     print(f"H* (layer, head): {heads.top_heads}")
 

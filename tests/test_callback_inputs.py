@@ -205,6 +205,8 @@ def test_a_loader_that_gives_every_process_all_items_is_refused() -> None:
             check_unrepeated_loaders(trainer, "test", "MaskingVerificationCallback")
     sharded = DataLoader(data, sampler=UnrepeatedDistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
     check_unrepeated_loaders(SimpleNamespace(world_size=2, test_dataloaders=sharded), "test", "x")
+    batched = BatchSampler(UnrepeatedDistributedSampler(data, num_replicas=2, rank=1, shuffle=False), 2, False)
+    check_unrepeated_loaders(SimpleNamespace(world_size=2, test_dataloaders=DataLoader(data, batch_sampler=batched)), "test", "x")
 
 
 def test_a_second_steering_callback_says_how_to_go_on(tiny_llava: VLMAdapter) -> None:

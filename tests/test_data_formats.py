@@ -215,6 +215,10 @@ def test_flickr_csv_and_karpathy_json(tmp_path: Path, cache: Path) -> None:
     extra.write_text('raw,sentids,split,filename,img_id\n"[""A.""]",[1],test,a.jpg,7\n"[""B.""]",[2],test,b.jpg,8,oops\n')
     with pytest.raises(DataError, match=r"extra_cell.csv: line 3: 6 cells for the header's 5 columns"):
         load_flickr30k(extra, cache_dir=cache)
+    shifted = tmp_path / "every_row_extra.csv"  # every row one cell too many: pandas took the first column as the index
+    shifted.write_text('raw,sentids,split,filename,img_id\n"[""A.""]",[1],test,a.jpg,7,oops\n')
+    with pytest.raises(DataError, match=r"every_row_extra.csv: line 2: 6 cells for the header's 5 columns"):
+        load_flickr30k(shifted, cache_dir=cache)
 
     karpathy = tmp_path / "dataset_flickr30k.json"
     karpathy.write_text(json.dumps({"images": [
@@ -399,9 +403,13 @@ def test_an_ocr_box_that_misses_its_image_file_is_named_at_load(tmp_path: Path, 
         row["image_path"] = f"images/{row['image_id']}.png"
     with pytest.raises(DataError, match=r"image_id=7 field 'ocr.bbox': OCR box .* lies outside the 32x32 image file"):
         load_coco_unified(write_coco(tmp_path / "ann_paths.json", rows), cache_dir=cache)
-    Image.new("RGB", (32, 16)).save(images / "1.png")  # a crop of the annotated 64x64 image, not a resized copy
-    with pytest.raises(DataError, match=r"image_id=1 field 'ocr.bbox': the image file is 32x16, annotated as 64x64: another aspect ratio"):
-        load_coco_unified(write_coco(tmp_path / "ann_crop.json", rows[:1]), cache_dir=cache)
+    from hones.data import records as image_records
+
+    image_records._WARNED_RESIZED.clear()
+    Image.new("RGB", (32, 16)).save(images / "1.png")  # a crop of the annotated 64x64 image, or a stretched copy: said once
+    with pytest.warns(UserWarning, match=r"1.png: the image file is 32x16, annotated as 64x64: another aspect ratio .* shown once"):
+        assert len(load_coco_unified(write_coco(tmp_path / "ann_crop.json", rows[:1]), cache_dir=cache)) == 1
+    image_records._WARNED_RESIZED.clear()
 
 
 def test_a_data_error_in_a_loader_worker_stays_one_line() -> None:

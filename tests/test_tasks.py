@@ -115,11 +115,20 @@ def test_ocr_box_follows_a_resized_image_file(tmp_path: Path) -> None:
     record.ocr = OCRAnnotation("STOP", (80.0, 40.0, 40.0, 20.0))  # no annotated size: nothing to scale by
     with pytest.raises(DataError, match=r"item toy:1:ocr: OCR box \[80.0, 40.0, 40.0, 20.0\] lies outside the 64x64 image"):
         load_image(build_task_items([record], "ocr")[0])
-    record.ocr = OCRAnnotation("STOP", (10.0, 10.0, 20.0, 10.0), (129, 127))  # a resize rounded by a pixel: fine
-    load_image(build_task_items([record], "ocr")[0])
-    record.ocr = OCRAnnotation("STOP", (10.0, 10.0, 20.0, 10.0), (128, 64))  # another aspect ratio: not this image's box
-    with pytest.raises(DataError, match=r"image file is 64x64, annotated as 128x64: another aspect ratio \(x0.5 wide, x1 high\)"):
+    import warnings
+
+    from hones.data import records
+
+    records._WARNED_RESIZED.clear()
+    record.ocr = OCRAnnotation("STOP", (10.0, 10.0, 20.0, 10.0), (129, 127))  # a resize rounded by a pixel: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         load_image(build_task_items([record], "ocr")[0])
+    record.ocr = OCRAnnotation("STOP", (10.0, 10.0, 20.0, 10.0), (128, 64))  # stretched, or a crop: sizes cannot tell, so it is said
+    with pytest.warns(UserWarning, match=r"image file is 64x64, annotated as 128x64: another aspect ratio \(x0.5 wide, x1 high\).*scaled per axis"):
+        stretched = load_image(build_task_items([record], "ocr")[0])
+    assert stretched.getpixel((4, 15)) == blue  # the box scaled per axis: x 10 -> 5, y 10 -> 10 (left edge at x 5, the border 2 px)
+    records._WARNED_RESIZED.clear()
 
 
 def test_retrieval_items_and_hard_negatives() -> None:

@@ -39,7 +39,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+from torch.utils.data import RandomSampler, SequentialSampler
 
 from hones.attribution.bank import (
     BankEntry,
@@ -142,8 +142,8 @@ def check_unrepeated_loaders(trainer: L.Trainer, stage: str, owner: str) -> None
     for loader in stage_loaders(trainer, stage):
         sampler = getattr(loader, "sampler", None)
         batch_sampler = getattr(loader, "batch_sampler", None)
-        if batch_sampler is not None and type(batch_sampler) is not BatchSampler:
-            sampler = getattr(batch_sampler, "sampler", None)  # a batch sampler of the user's: its own index sampler
+        if getattr(batch_sampler, "sampler", None) is not None:
+            sampler = batch_sampler.sampler  # the index sampler the batches come from (a given batch_sampler's own)
         if type(sampler) in (SequentialSampler, RandomSampler):
             size = len(sampler)
             raise ValueError(
@@ -425,7 +425,7 @@ class HeadLocalizationCallback(_AttributionCallback):
         if not trainer.is_global_zero:
             return
         if self.output_dir is not None:
-            save_head_scores(self.output_dir / "head_scores.safetensors", self.scores, top_k=len(self.top_heads))
+            save_head_scores(self.output_dir / "head_scores.safetensors", self.scores, top_k=len(self.top_heads) or None)
             write_head_list(self.output_dir / "heads.json", self.scores, selected=self.top_heads)
             if self.compare_scores is not None:
                 save_head_scores(self.output_dir / f"head_scores_{self.compare_utility}.safetensors", self.compare_scores)

@@ -398,18 +398,21 @@ class TaskRun:
         )
         k = self.top_k()
         say(f"{self.config.name()}/{self.task} heads (§2): {len(datamodule.items)} discovery items, utility {settings.utility}, K={k}")
-        callback = HeadLocalizationCallback(
-            task=self.task,
-            utility=settings.utility,
-            top_k=k,
-            rows_per_forward=settings.rows_per_forward,
-            rerun=settings.rerun,
-            metric_mode=settings.metric_mode,
-            max_new_tokens=settings.max_new_tokens,
-            compare_utility=compare_utility,
-            stages=("predict",),
-            output_dir=self.run_dir,
-        )
+        with warnings.catch_warnings():
+            if compare_utility != settings.compare_utility:  # dropped above, with the reason said
+                warnings.filterwarnings("ignore", message="HeadLocalizationCallback: utility='teacher_forced' without")
+            callback = HeadLocalizationCallback(
+                task=self.task,
+                utility=settings.utility,
+                top_k=k,
+                rows_per_forward=settings.rows_per_forward,
+                rerun=settings.rerun,
+                metric_mode=settings.metric_mode,
+                max_new_tokens=settings.max_new_tokens,
+                compare_utility=compare_utility,
+                stages=("predict",),
+                output_dir=self.run_dir,
+            )
         self.run_pass(callback, datamodule, "heads", fingerprint)
         scores = callback.scores
         assert scores is not None

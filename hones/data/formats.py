@@ -138,9 +138,16 @@ def read_csv_rows(path: PathLike, cache_dir: PathLike | None = None) -> list[dic
     if not path.is_file():
         raise DataError(path, "file not found")
     with open(path, encoding="utf-8-sig", newline="") as handle:  # -sig: a byte-order mark is not part of the first name
-        header = next(csv.reader(handle), None)
-    if not header:
-        raise DataError(path, "empty CSV file (no header row)")
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if not header:
+            raise DataError(path, "empty CSV file (no header row)")
+        for row in reader:  # pandas would shift the columns of such rows (or drop their extra cells) without a word
+            if len(row) > len(header):
+                raise DataError(
+                    path, f"line {reader.line_num}: {len(row)} cells for the header's {len(header)} columns "
+                    "(an unquoted comma in a caption, or a trailing comma?)"
+                )
     if len(set(header)) != len(header):
         raise DataError(path, f"CSV header repeats a column name: {header}")
     try:
@@ -157,15 +164,7 @@ def read_csv_rows(path: PathLike, cache_dir: PathLike | None = None) -> list[dic
     except (DatasetGenerationError, ValueError) as err:
         logger.debug("datasets could not tabulate %s (%s); reading it with csv", path, err)
         with open(path, encoding="utf-8-sig", newline="") as handle:
-            reader = csv.DictReader(handle)
-            rows = []
-            for row in reader:
-                if None in row:  # DictReader's key for the cells beyond the header's columns
-                    raise DataError(
-                        path, f"line {reader.line_num}: {len(header) + len(row[None])} cells for the header's {len(header)} columns "
-                        "(an unquoted comma in a caption?)"
-                    )
-                rows.append(row)
+            rows = list(csv.DictReader(handle))
     return [{k: (v if v != "" else None) for k, v in row.items()} for row in rows]
 
 
@@ -443,10 +442,10 @@ def _find_image(entry: _Parsed, verify: bool) -> str:
 def _check_ocr_box(entry: _Parsed) -> None:
     """An ``ocr.bbox`` error when the record's OCR box misses its image file (read from the file's
     header; a file of another size than the annotation's gets the box scaled, see ``scaled_box``,
-    unless its aspect ratio differs: ``resize_problem``)."""
+    with a warning when its aspect ratio differs: ``resize_problem``)."""
     from PIL import Image
 
-    from hones.data.records import box_problem, resize_problem, scaled_box
+    from hones.data.records import box_problem, resize_problem, scaled_box, warn_resized
 
     ocr = entry.record.ocr
     if ocr is None:
@@ -461,7 +460,7 @@ def _check_ocr_box(entry: _Parsed) -> None:
         return  # unreadable: named when the image is loaded (or by verify_images)
     resized = resize_problem(ocr.image_size, size)
     if resized is not None:
-        raise entry.item.error("ocr.bbox", f"{resized}: {found[0]}")
+        warn_resized(resized, found[0])
     if scaled_box(ocr.bbox, ocr.image_size, size) is None:
         raise entry.item.error("ocr.bbox", box_problem(ocr.bbox, ocr.image_size, size) + f": {found[0]}")
 

@@ -122,9 +122,10 @@ def scaled_box(
 
 
 def resize_problem(annotated: tuple[int, int] | None, actual: tuple[int, int]) -> str | None:
-    """Why an image file of size ``actual`` is not a resized copy of the ``annotated`` image (its
-    aspect ratio differs beyond rounding: a crop, a rotation or another image), else None. A box
-    scaled per axis onto such a file would land on other pixels than the annotator marked."""
+    """Why an image file of size ``actual`` may not be a plain resized copy of the ``annotated``
+    image (its aspect ratio differs beyond rounding), else None. Sizes cannot tell a stretched
+    copy, where the per-axis scaling of ``scaled_box`` is right, from a crop or another image,
+    where the box lands on other pixels than the annotator marked: ``warn_resized`` says so."""
     if annotated is None or tuple(annotated) == tuple(actual):
         return None
     sx, sy = actual[0] / annotated[0], actual[1] / annotated[1]
@@ -133,7 +134,26 @@ def resize_problem(annotated: tuple[int, int] | None, actual: tuple[int, int]) -
         return None
     return (
         f"the image file is {actual[0]}x{actual[1]}, annotated as {annotated[0]}x{annotated[1]}: another aspect ratio "
-        f"(x{sx:.3g} wide, x{sy:.3g} high), so not a resized copy of the annotated image and the OCR box cannot be placed"
+        f"(x{sx:.3g} wide, x{sy:.3g} high)"
+    )
+
+
+_WARNED_RESIZED: list[str] = []
+
+
+def warn_resized(problem: str, where: str) -> None:
+    """Warn once per process that OCR boxes are scaled per axis onto image files of another aspect
+    ratio than annotated (``problem`` / ``where``: the first such file)."""
+    if _WARNED_RESIZED:
+        return
+    _WARNED_RESIZED.append(where)
+    import warnings
+
+    warnings.warn(
+        f"{where}: {problem}; its OCR box (and any other such file's; this warning is shown once) is scaled per axis, "
+        "which is right for a stretched copy of the annotated image and wrong for a crop or another image",
+        UserWarning,
+        stacklevel=2,
     )
 
 
@@ -152,7 +172,7 @@ def fit_box(
 
     resized = resize_problem(annotated, actual)
     if resized is not None:
-        raise DataError(str(item.image), resized, item=item.uid)
+        warn_resized(resized, f"{item.image} (item {item.uid})")
     fitted = scaled_box(box, annotated, actual)
     if fitted is None:
         raise DataError(str(item.image), box_problem(box, annotated, actual), item=item.uid)
