@@ -152,6 +152,18 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
 
 
+def tensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file (``{}`` when it has none); a damaged file is the
+    one-line ``ValueError`` of ``load_tensors``."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except SafetensorError as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+
+
 def markdown_table(header: list[str], rows: list[list[Any]], float_format: str = "{:.4f}") -> str:
     """Render a GitHub markdown table; floats are formatted with ``float_format``."""
 

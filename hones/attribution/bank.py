@@ -245,10 +245,7 @@ def save_head_scores(path: str | os.PathLike, scores: Any, top_k: int | None = N
 
 def stored_top_k(path: str | os.PathLike) -> int | None:
     """|H*| recorded in a ``head_scores.safetensors`` by the head callback (None in files without it)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        value = (handle.metadata() or {}).get("top_k")
+    value = io.tensors_metadata(path).get("top_k")
     if value is None:
         return None
     if not value.isdigit() or int(value) < 1:
@@ -258,16 +255,13 @@ def stored_top_k(path: str | os.PathLike) -> int | None:
 
 def load_head_scores(path: str | os.PathLike) -> Any:
     """Inverse of ``save_head_scores``."""
-    from safetensors import safe_open
-
     from hones.attribution.heads import HeadScores
 
     path = Path(path)
     if not path.is_file():
         raise BankError(f"{path}: head scores file not found")
     tensors = load_matrices(path)
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
+    meta = io.tensors_metadata(path)
     missing = sorted({"delta", "intervened", "baseline"} - set(tensors)) + sorted({"utility", "task", "num_items"} - set(meta))
     if missing:
         raise BankError(f"{path}: not a head scores file (lacks {', '.join(missing)})")

@@ -159,11 +159,7 @@ def save_metric_states(
 
 def read_metric_states(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
     """``(tensors, layout, metadata)`` of a file written by ``save_metric_states``."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        raw = handle.metadata() or {}
-    meta = {key: json.loads(value) for key, value in raw.items()}
+    meta = {key: json.loads(value) for key, value in io.tensors_metadata(path).items()}
     layout = meta.pop(_LAYOUT_KEY, {})
     return io.load_tensors(path), layout, meta
 

@@ -57,10 +57,10 @@ def check_scales_model(path: str | os.PathLike, model: str) -> None:
     scales files record no model and pass."""
     if Path(path).suffix != ".safetensors" or not Path(path).is_file():
         return
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
+    try:
+        meta = io.tensors_metadata(path)
+    except ValueError as error:  # damaged: named in one line (load_scales says it too)
+        raise BankError(str(error)) from None
     if meta.get("model"):
         record = Origin(f"{path}: learned on", "its metadata", meta["model"], meta.get("model_identity") or None, "scales")
         check_same_model(record, model)
